@@ -1,0 +1,9 @@
+"""autopar: train large PyTorch models on a pp x dp x z x y x x grid with no model changes."""
+from .checkpoint import full_state_dict
+from .engine import Engine, parallelize
+from .intra_layer import auto_parallelize
+from .runtime import Grid, current_grid, destroy, init, shard_batch
+
+__all__ = ["Engine", "Grid", "auto_parallelize", "current_grid", "destroy", "full_state_dict", "init",
+           "parallelize", "shard_batch"]
+__version__ = "0.1.0"

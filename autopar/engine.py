@@ -1,0 +1,121 @@
+"""``autopar.parallelize`` and ``Engine.step``: compose the parallel axes around one model.
+
+The order of one step, and why:
+1. slice the rank's batch into microbatches (gradient accumulation inside one call);
+2. forward + backward each, with the loss pre-scaled by 1/(M * dp * z) so every gradient sync
+   afterwards is a plain sum (see ``runtime.params``);
+3. sum gradients over the axes each parameter is replicated on (``data_parallel``);
+4. clip against the global norm of the serial model;
+5. optimizer step, zero gradients;
+6. return the global mean loss, the same float on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data_parallel import allreduce_grads
+from .runtime.batch import map_tensors, split_batch
+from .runtime.params import clip_grad_norm_
+from .runtime.state import current_grid
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zerobubble")
+OFFLOAD_MODES = (None, "optimizer", "optimizer+step", "params")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _call_model(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class Engine:
+    """Owns the (parallelised) model and its optimizer; ``step`` is one full training step."""
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, *, num_microbatches: int,
+                 schedule: str, offload: str | None, loss_fn: LossFn | None,
+                 clip_grad_norm: float | None) -> None:
+        self.grid = current_grid()
+        self.model = model.to(self.grid.device)
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+        self.offload = offload
+        self.loss_fn = loss_fn
+        self.clip_grad_norm = clip_grad_norm
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = optimizer(self.params)
+        self.step_count = 0
+        # Each microbatch's local mean loss stands for 1/(M*dp*z) of the global mean.
+        self._loss_scale = 1.0 / (num_microbatches * self.grid.batch_shards)
+
+    def _loss(self, output: Any, batch: Any) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(output, batch)
+        loss = getattr(output, "loss", None)
+        if loss is None:
+            raise ValueError("the model output has no .loss; pass loss_fn=lambda output, batch: ... "
+                             "to autopar.parallelize, or include labels in the batch")
+        return loss
+
+    def forward_backward(self, batch: Any) -> torch.Tensor:
+        """Forward and backward over all microbatches of this rank's batch; returns the sum of
+        the microbatch losses (detached, on device) without syncing gradients."""
+        batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
+        total = torch.zeros((), device=self.grid.device)
+        for micro in split_batch(batch, self.num_microbatches, "microbatches"):
+            loss = self._loss(_call_model(self.model, micro), micro)
+            (loss * self._loss_scale).backward()
+            total += loss.detach().float()
+        return total
+
+    def step(self, batch: Any) -> float:
+        """One training step on this rank's share of the global batch (``autopar.shard_batch``).
+        Returns the global mean loss, identical on every rank."""
+        self.model.train()
+        total = self.forward_backward(batch)
+        allreduce_grads(self.params, self.grid)
+        if self.clip_grad_norm is not None:
+            clip_grad_norm_(self.params, self.clip_grad_norm, self.grid)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        total *= self._loss_scale
+        if self.grid.batch_shards > 1:
+            dist.all_reduce(total, group=self.grid.group("dp", "z"))
+        return float(total)
+
+
+def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches: int = 1,
+                schedule: str = "1f1b", offload: str | None = None, *,
+                loss_fn: LossFn | None = None, clip_grad_norm: float | None = None) -> Engine:
+    """Wrap ``model`` for training on the current grid.
+
+    ``optimizer`` is a factory called with this rank's parameters (they may be shards).
+    ``loss_fn(output, batch)`` is needed unless the output carries ``.loss`` (Hugging Face).
+    """
+    grid = current_grid()
+    if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("optimizer must be a factory, e.g. lambda params: torch.optim.AdamW(params, lr=3e-4); "
+                        "the parameters are only known after parallelisation")
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload {offload!r}; choose one of {OFFLOAD_MODES}")
+    if grid.sizes["pp"] > 1:
+        raise NotImplementedError("pipeline parallelism (pp > 1) is not implemented yet")
+    if offload is not None:
+        raise NotImplementedError(f"offload={offload!r} is not implemented yet")
+    if clip_grad_norm is not None and clip_grad_norm <= 0:
+        raise ValueError(f"clip_grad_norm must be positive, got {clip_grad_norm}")
+    return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
+                  offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm)

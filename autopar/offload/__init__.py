@@ -1,0 +1,1 @@
+"""offload: not implemented yet."""
