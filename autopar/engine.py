@@ -30,10 +30,14 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 def _call_model(model: nn.Module, batch: Any) -> Any:
+    """The batch conventions: a dict is keyword arguments (Hugging Face, labels included); a
+    tuple/list is ``(inputs, target)`` where ``inputs`` may itself be a tuple of positional
+    arguments; a bare tensor is the only input."""
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        inputs = batch[0]
+        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
     return model(batch)
 
 

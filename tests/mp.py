@@ -1,0 +1,116 @@
+"""A pool of gloo ranks that lives for a whole test module.
+
+Starting 8 Python processes that import torch costs ~10 s on two cores, so ranks start once per
+module and run many test functions. A test hands ``RankPool.run`` a module-level function; every
+rank runs it inside an initialised default process group, then ``autopar.destroy()`` cleans up
+whatever grid the function created. Any rank's exception fails the test with every failing
+rank's traceback; a rank that does not answer in time fails it too, and the pool is restarted so
+one broken test cannot wedge the next.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+GRACE_S = 15.0  # how long the other ranks may still take after one rank failed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Queue) -> None:
+    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    import autopar
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=120))
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            result = (True, fn(*args, **kwargs))
+        except BaseException:  # noqa: BLE001 - everything goes back to the test as text
+            result = (False, traceback.format_exc())
+        try:
+            autopar.destroy()
+        except BaseException:  # noqa: BLE001
+            result = (False, f"autopar.destroy() failed after the test:\n{traceback.format_exc()}")
+        outbox.put((rank, *result))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` persistent gloo ranks; ``run(fn, ...)`` returns the per-rank results."""
+
+    def __init__(self, world_size: int, timeout: float = 240.0) -> None:
+        self.world_size = world_size
+        self.timeout = timeout
+        self._procs: list[mp.Process] = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
+        self._outbox = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self._inboxes[r], self._outbox),
+                                   daemon=True, name=f"rank{r}") for r in range(self.world_size)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
+        if not self._procs:
+            self._start()
+        for inbox in self._inboxes:
+            inbox.put((fn, args, kwargs))
+        deadline = time.monotonic() + (timeout or self.timeout)
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        while len(results) + len(errors) < self.world_size and time.monotonic() < deadline:
+            try:
+                rank, ok, payload = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                for r, p in enumerate(self._procs):
+                    if not p.is_alive() and r not in results and r not in errors:
+                        errors[r] = f"rank {r} died (exit code {p.exitcode})"
+                continue
+            (results if ok else errors)[rank] = payload
+            if errors:
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+        if len(results) == self.world_size:
+            return [results[r] for r in range(self.world_size)]
+        missing = [r for r in range(self.world_size) if r not in results and r not in errors]
+        self.close(force=True)
+        report = [f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors)]
+        if missing:
+            report.append(f"ranks {missing} did not answer (hung, probably in a collective)")
+        raise AssertionError(f"{fn.__name__} failed on {self.world_size} ranks:\n" + "\n".join(report))
+
+    def close(self, force: bool = False) -> None:
+        if not self._procs:
+            return
+        if not force:
+            for inbox in self._inboxes:
+                inbox.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
