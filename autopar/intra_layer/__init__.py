@@ -1,12 +1,12 @@
-"""3D tensor-parallel layers and ``auto_parallelize``."""
-from contextlib import contextmanager
-from typing import Iterator
+"""3D tensor-parallel layers and ``auto_parallelize``.
 
+``layout`` defines which slice of each serial tensor a rank holds (``ShardSpec``), ``comm`` the
+collectives paired with their adjoints, ``layers`` the parallel ``Linear`` / ``Embedding`` /
+``Conv1D``, and ``auto`` the context manager that builds them inside unmodified models.
+"""
+from .auto import auto_parallelize, materialize, shard_layers
+from .layers import Embedding, Linear, ShardedModule, conv1d_class, gather_full, spec_of
+from .layout import ShardSpec
 
-@contextmanager
-def auto_parallelize() -> Iterator[None]:
-    raise NotImplementedError("auto_parallelize (3D tensor parallelism) is not implemented yet")
-    yield
-
-
-__all__ = ["auto_parallelize"]
+__all__ = ["Embedding", "Linear", "ShardSpec", "ShardedModule", "auto_parallelize", "conv1d_class",
+           "gather_full", "materialize", "shard_layers", "spec_of"]

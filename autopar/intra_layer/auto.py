@@ -1,0 +1,175 @@
+"""``with autopar.auto_parallelize():`` turns layers built inside it into 3D-parallel layers.
+
+How layers are caught: ``nn.Linear``, ``nn.Embedding`` and HF ``Conv1D`` get a ``__new__`` that,
+inside the block, allocates the parallel subclass instead. Patching the class itself (not the
+names it is imported under) catches ``from torch.nn import Linear`` bound before the block,
+``torch.nn.modules.linear.Linear`` and any alias; ``isinstance(layer, nn.Linear)`` stays true.
+Only the exact classes are swapped: subclasses (e.g. ``nn.MultiheadAttention``'s out_proj, which
+is used through its raw weight) are left alone.
+
+Why layers are sharded at the *end* of the block and not at construction: Hugging Face models
+re-initialise and tie weights after building layers (``post_init``, ``_init_weights``,
+``tie_weights``, ``from_pretrained`` loading). Letting all of that run on full, serial tensors
+makes the result bit-identical to a serial build with no knowledge of HF internals; the cost is
+the full model being resident until the block exits. For models too big for that, build under
+``torch.device("meta")`` and call ``materialize(model)`` afterwards: each layer then draws its
+full weight one layer at a time with its default init and keeps its slice.
+
+Layers whose dimensions do not divide the grid, that are smaller than ``min_numel`` or use
+options the parallel layer does not reproduce (``max_norm``, ``sparse``...) stay replicated;
+the list is logged once, or raised with ``strict=True``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..runtime.state import current_grid
+from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
+from .layout import ShardSpec, bias_spec, divisible, linear_weight_spec
+
+log = logging.getLogger("autopar")
+
+_recording = threading.local()  # .stack: one list of built layers per open block, innermost last
+_swaps: dict[type, type] = {}
+
+
+def _new(cls: type, *args: object, **kwargs: object) -> object:
+    stack = getattr(_recording, "stack", None)
+    if stack and cls in _swaps:
+        layer = object.__new__(_swaps[cls])
+        stack[-1].append(layer)
+        return layer
+    return object.__new__(cls)
+
+
+def _install() -> None:
+    """Give each serial class the recording ``__new__`` (once; outside a block it is
+    ``object.__new__``). It is never removed: deleting ``__new__`` from a class leaves CPython
+    checking constructor arguments against ``object.__new__``."""
+    if not _swaps:
+        _swaps.update({nn.Linear: Linear, nn.Embedding: Embedding})
+        if importlib.util.find_spec("transformers") is not None:
+            from transformers.pytorch_utils import Conv1D
+
+            _swaps[Conv1D] = conv1d_class()
+    for serial in _swaps:
+        if serial.__dict__.get("__new__") is not _new_static:
+            serial.__new__ = _new_static
+
+
+_new_static = staticmethod(_new)
+
+
+def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int) -> tuple[dict[str, ShardSpec], str]:
+    """Layouts for ``layer``'s parameters, or ({}, why it stays replicated)."""
+    w = layer._parameters.get("weight")
+    if w is None or w.dim() != 2:
+        return {}, "no 2D weight"
+    if w.numel() < min_numel:
+        return {}, f"smaller than min_numel={min_numel}"
+    if isinstance(layer, Embedding) and (layer.max_norm is not None or layer.sparse or layer.scale_grad_by_freq):
+        return {}, "uses max_norm / sparse / scale_grad_by_freq"
+    transposed = not isinstance(layer, (Linear, Embedding))
+    spec = linear_weight_spec(tuple(w.shape), sizes, transposed)
+    if not divisible(spec.full_shape, spec.dim_axes, sizes):
+        return {}, f"weight {tuple(w.shape)} does not divide over {spec.dim_axes} = " \
+                   f"({sizes[spec.dim_axes[0]]}, {sizes[spec.dim_axes[1]]})"
+    specs = {"weight": spec}
+    b = layer._parameters.get("bias")
+    if b is not None and sizes["y"] > 1:
+        specs["bias"] = bias_spec(b.shape[0], sizes)
+    return specs, ""
+
+
+def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: int = 0) -> None:
+    """Replace the full parameters of ``layers`` by this rank's pieces. Parameters shared by
+    several layers (tied embeddings) become one shared piece when their layouts agree, else
+    all users stay replicated."""
+    grid = current_grid()
+    sizes = {a: grid.sizes[a] for a in ("x", "y", "z")}
+    if sizes == {"x": 1, "y": 1, "z": 1}:
+        return
+    plans, replicated = {}, []
+    for layer in layers:
+        specs, why = plan(layer, sizes, min_numel)
+        plans[id(layer)] = specs
+        if why:
+            replicated.append(f"{layer!r}: {why}")
+    users: dict[int, list[tuple[ShardedModule, str]]] = {}
+    for layer in layers:
+        for name, p in layer._parameters.items():
+            if p is not None and spec_of(p) is None:
+                users.setdefault(id(p), []).append((layer, name))
+    for shared in users.values():
+        layouts = {plans[id(layer)].get(name) for layer, name in shared}
+        if len(layouts) > 1:
+            for layer, name in shared:
+                if plans[id(layer)]:
+                    replicated.append(f"{layer!r}: its {name} is tied to a layer with another layout")
+                plans[id(layer)] = {}
+    if replicated:
+        msg = f"auto_parallelize: {len(replicated)} layer(s) stay replicated on x={sizes['x']} " \
+              f"y={sizes['y']} z={sizes['z']}:\n  " + "\n  ".join(replicated)
+        if strict:
+            raise ValueError(msg + "\nchoose a grid that divides these dimensions, or pass strict=False")
+        if grid.rank == 0:
+            log.warning(msg)
+    pieces: dict[int, nn.Parameter] = {}
+    for layer in layers:
+        for name, spec in plans[id(layer)].items():
+            full = layer._parameters[name]
+            if id(full) not in pieces:
+                pieces[id(full)] = make_local(full, spec, grid)
+            layer._parameters[name] = pieces[id(full)]
+
+
+@contextmanager
+def auto_parallelize(*, strict: bool = False, min_numel: int = 0) -> Iterator[None]:
+    """Build ``nn.Linear`` / ``nn.Embedding`` / HF ``Conv1D`` inside the block as 3D-parallel
+    layers over the current grid's x, y and z axes; they are sharded when the block exits.
+
+    ``strict``: raise instead of logging when a layer has to stay replicated.
+    ``min_numel``: layers with fewer weight elements stay replicated (logged).
+    Build the optimizer / ``autopar.parallelize`` after the block.
+    """
+    current_grid()  # fail early, on every rank, when autopar.init was not called
+    _install()
+    stack = _recording.__dict__.setdefault("stack", [])
+    built: list[ShardedModule] = []
+    stack.append(built)
+    try:
+        yield
+    finally:
+        stack.pop()  # blocks nest strictly within a thread, so ours is the innermost
+    shard_layers([m for m in built if isinstance(m, ShardedModule) and "weight" in m._parameters],
+                 strict=strict, min_numel=min_numel)
+
+
+def materialize(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Allocate a model built under ``torch.device("meta")`` + ``auto_parallelize`` on
+    ``device`` (default: the grid's) and initialise every parallel layer from a full-size draw
+    of its default init, one layer at a time. Other parameters get their module's
+    ``reset_parameters`` when it has one; buffers are allocated but not filled."""
+    device = torch.device(device) if device is not None else current_grid().device
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in fresh:
+                fresh[id(p)] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+                fresh[id(p)].__dict__.update(p.__dict__)  # keeps the shard spec and grad tags
+            if p is not None:
+                module._parameters[name] = fresh[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty_like(b, device=device)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model

@@ -1,0 +1,180 @@
+"""Collectives as autograd Functions, each paired with its adjoint.
+
+Activations that are *replicated* over an axis carry identical gradients on every replica (the
+gradient contract of ``runtime.params``), so the adjoint of gathering a replicated activation is
+taking one's own slice, not a sum. Weights are different: the depth (z) ranks see different
+batch slices, so the adjoint of the weight all-gather is a reduce-scatter that sums them.
+
+    drop_last    (slice of the last dim)    <->  all-gather of the last dim
+    gather_last  (all-gather of last dim)   <->  slice
+    all_reduce   (sum over partial results) <->  identity
+    depth_gather (all-gather a flat weight) <->  reduce-scatter of its gradient
+    matmul       (x @ w.T, identity)        <->  all-reduce of dx over the other axis, overlapped
+                                                 with the weight-gradient matmul
+
+Every collective has a fixed size known from shapes alone (the ranks of an x or y group share
+one batch slice), so none needs a host sync. ``COUNTER`` lets benchmarks count bytes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..runtime.grid import Grid
+
+
+class CommCounter:
+    """Bytes each rank sends per collective kind (algorithmic volume, ring algorithms):
+    all-gather / reduce-scatter of an n-byte result over p ranks moves n*(p-1)/p, an
+    all-reduce 2n*(p-1)/p. Off unless ``enabled``; the benchmarks switch it on."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.bytes: dict[str, float] = {}
+
+    def add(self, kind: str, tensor: Tensor, p: int, factor: float = 1.0) -> None:
+        if self.enabled:
+            n = tensor.numel() * tensor.element_size()
+            self.bytes[kind] = self.bytes.get(kind, 0.0) + factor * n * (p - 1) / p
+
+    def reset(self) -> None:
+        self.bytes = {}
+
+
+COUNTER = CommCounter()
+
+# torch 2.13 renamed the flat collectives; keep working on releases that predate the new names.
+all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def _gather_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
+    n = grid.size(axis)
+    out = t.new_empty((n * t.shape[0], *t.shape[1:]))  # the shape gloo insists on
+    all_gather_flat(out, t.contiguous(), group=grid.group(axis))
+    COUNTER.add(f"all_gather[{axis}]", out, n)
+    return out.view(n, *t.shape).movedim(0, -2).reshape(*t.shape[:-1], n * t.shape[-1])
+
+
+def _slice_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
+    k = t.shape[-1] // grid.size(axis)
+    return t.narrow(-1, grid.index(axis) * k, k)
+
+
+def _all_reduce(t: Tensor, grid: Grid, axis: str, async_op: bool = False) -> Any:
+    COUNTER.add(f"all_reduce[{axis}]", t, grid.size(axis), 2.0)
+    return dist.all_reduce(t, group=grid.group(axis), async_op=async_op)
+
+
+class _DropLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
+        ctx.grid, ctx.axis = grid, axis
+        return _slice_last(t, grid, axis)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _gather_last(g, ctx.grid, ctx.axis), None, None
+
+
+class _GatherLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
+        ctx.grid, ctx.axis = grid, axis
+        return _gather_last(t, grid, axis)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _slice_last(g, ctx.grid, ctx.axis), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
+        t = t.clone()
+        _all_reduce(t, grid, axis)
+        return t
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None, None
+
+
+class _DepthGather(torch.autograd.Function):
+    """Local flat piece (k,) -> full (y, x) block; backward sums the block gradient over z and
+    hands each z rank its piece."""
+
+    @staticmethod
+    def forward(ctx, piece: Tensor, grid: Grid, shape: tuple[int, ...]) -> Tensor:
+        n = grid.size("z")
+        ctx.grid, ctx.numel = grid, piece.numel() * n
+        flat = piece.new_empty(ctx.numel)
+        all_gather_flat(flat, piece.contiguous(), group=grid.group("z"))
+        COUNTER.add("all_gather[z]", flat, n)
+        numel = 1
+        for d in shape:
+            numel *= d
+        return flat[:numel].view(shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        grid = ctx.grid
+        n = grid.size("z")
+        flat = g.new_zeros(ctx.numel)
+        flat[:g.numel()] = g.reshape(-1)
+        piece = g.new_empty(ctx.numel // n)
+        reduce_scatter_flat(piece, flat, group=grid.group("z"))
+        COUNTER.add("reduce_scatter[z]", flat, n)
+        return piece, None, None
+
+
+class _Matmul(torch.autograd.Function):
+    """``t @ w.T`` (``t @ w`` when ``transposed``) whose input gradient is all-reduced over
+    ``axis`` while the weight gradient is computed."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool) -> Tensor:
+        ctx.save_for_backward(t, w)
+        ctx.grid, ctx.axis, ctx.transposed = grid, axis, transposed
+        return t @ w if transposed else t @ w.t()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        t, w = ctx.saved_tensors
+        gt = gw = work = None
+        if ctx.needs_input_grad[0]:
+            gt = g @ w.t() if ctx.transposed else g @ w
+            if ctx.axis is not None:
+                work = _all_reduce(gt, ctx.grid, ctx.axis, async_op=True)
+        if ctx.needs_input_grad[1]:
+            g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
+            gw = t2.t() @ g2 if ctx.transposed else g2.t() @ t2
+        if work is not None:
+            work.wait()
+        return gt, gw, None, None, None
+
+
+def drop_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
+    return _DropLast.apply(t, grid, axis) if grid.size(axis) > 1 else t
+
+
+def gather_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
+    return _GatherLast.apply(t, grid, axis) if grid.size(axis) > 1 else t
+
+
+def all_reduce(t: Tensor, grid: Grid, axis: str) -> Tensor:
+    return _AllReduce.apply(t, grid, axis) if grid.size(axis) > 1 else t
+
+
+def depth_gather(piece: Tensor, grid: Grid, shape: tuple[int, ...]) -> Tensor:
+    if grid.size("z") > 1:
+        return _DepthGather.apply(piece, grid, shape)
+    return piece.view(shape)
+
+
+def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool) -> Tensor:
+    axis = reduce_axis if grid.size(reduce_axis) > 1 else None
+    return _Matmul.apply(t, w, grid, axis, transposed)

@@ -1,0 +1,177 @@
+"""3D tensor-parallel ``Linear``, ``Embedding`` and Hugging Face ``Conv1D``.
+
+Each class subclasses the layer it replaces, so ``isinstance`` checks, ``extra_repr`` and HF's
+init/tying code keep working. A layer is built exactly like the serial one (full weight, same
+RNG draws); ``shard_parameters`` then swaps its parameters for local pieces carrying a
+``ShardSpec`` (see ``layout``). Until then, or when a layer stays replicated, ``forward`` is the
+serial one.
+
+Sharded forward of ``y = x W^T + b`` for a rank at (x, y, z) with its batch slice (dp, z):
+
+    W_yx = all-gather_z(piece)                  # (out/Y, in/X) block; grad reduce-scattered over z
+    h    = x[..., in-block of x]                # input is replicated over x and y; grad all-gathered over x
+    h    = h @ W_yx^T                           # grad wrt h all-reduced over y, overlapped with dW
+    h    = all-reduce_x(h) + b_y                # bias sharded over y, replicated over x and z
+    out  = all-gather_y(h)                      # back to full features; grad: own slice
+
+so input and output are ordinary full-feature activations and the layer can stand anywhere.
+Parameter tags: the weight piece is partitioned over (z, y, x) and, its z-sum being done by
+the reduce-scatter, its grad is summed over ``dp`` only; the bias is partitioned over y and
+summed over (dp, z) like any replicated parameter.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..runtime.grid import Grid
+from ..runtime.params import set_grad_axes, set_shard_axes
+from ..runtime.state import current_grid
+from .comm import all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul
+from .layout import ShardSpec
+
+
+def spec_of(param: Tensor | None) -> ShardSpec | None:
+    """The layout of a sharded parameter, None for a full (replicated) one."""
+    return getattr(param, "_autopar_spec", None)
+
+
+def gather_full(param: Tensor, spec: ShardSpec, grid: Grid) -> Tensor:
+    """The full serial tensor of a sharded parameter (collective over ``spec.axes``)."""
+    local = param.detach().contiguous()
+    n = grid.size(*spec.axes)
+    pieces = local.new_empty(n * local.numel())
+    all_gather_flat(pieces, local, group=grid.group(*spec.axes))
+    return spec.assemble(pieces.view(n, -1))
+
+
+def make_local(full: Tensor, spec: ShardSpec, grid: Grid) -> nn.Parameter:
+    local = nn.Parameter(spec.shard(full.detach(), grid.coords), requires_grad=full.requires_grad)
+    local._autopar_spec = spec
+    set_shard_axes(local, spec.axes)
+    set_grad_axes(local, ("dp",) if spec.depth else ("dp", "z"))
+    return local
+
+
+class ShardedModule(nn.Module):
+    """Full-tensor views of a layer whose parameters may be sharded: ``autopar_full_state`` for
+    ``autopar.full_state_dict``, ``load_state_dict`` of full (serial) tensors, and re-init
+    (``reset_parameters``) that draws full-size tensors so the RNG stream matches serial."""
+
+    def autopar_full_state(self) -> dict[str, Tensor]:
+        grid = current_grid()
+        out = {}
+        for name, p in self._parameters.items():
+            if p is not None:
+                spec = spec_of(p)
+                out[name] = p if spec is None else gather_full(p, spec, grid)
+        return out
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        replaced = {}
+        for name, p in self._parameters.items():
+            spec, key = spec_of(p), prefix + name
+            if spec is not None and key in state_dict and tuple(state_dict[key].shape) == spec.full_shape:
+                replaced[key] = state_dict[key]
+                state_dict[key] = spec.shard(state_dict[key], current_grid().coords)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            state_dict.update(replaced)
+
+    def serial_init(self) -> None:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        specs = {n: spec_of(p) for n, p in self._parameters.items() if spec_of(p) is not None}
+        if not specs:
+            return self.serial_init()
+        local = dict(self._parameters)
+        for n, spec in specs.items():
+            self._parameters[n] = nn.Parameter(local[n].new_empty(spec.full_shape))
+        try:
+            self.serial_init()
+            full = {n: self._parameters[n].detach() for n in specs}
+        finally:
+            self._parameters.update(local)
+        coords = current_grid().coords
+        with torch.no_grad():
+            for n, spec in specs.items():
+                local[n].copy_(spec.shard(full[n], coords))
+
+
+def linear_3d(inp: Tensor, weight: Tensor, bias: Tensor | None, spec: ShardSpec, transposed: bool) -> Tensor:
+    grid = current_grid()
+    w = depth_gather(weight, grid, spec.block_shape)
+    h = drop_last(inp, grid, "x")
+    h = matmul(h, w, grid, "y", transposed)
+    h = all_reduce(h, grid, "x")
+    if bias is not None:
+        h = h + bias
+    return gather_last(h, grid, "y")
+
+
+class Linear(ShardedModule, nn.Linear):
+    def serial_init(self) -> None:
+        nn.Linear.reset_parameters(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        spec = spec_of(self.weight)
+        if spec is None:
+            return super().forward(input)
+        return linear_3d(input, self.weight, self.bias, spec, transposed=False)
+
+
+class Embedding(ShardedModule, nn.Embedding):
+    """Vocabulary rows over y, embedding columns over x, the block over z. A rank looks up the
+    ids that fall in its rows (zeros elsewhere) and the y all-reduce assembles each vector."""
+
+    def serial_init(self) -> None:
+        nn.Embedding.reset_parameters(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        spec = spec_of(self.weight)
+        if spec is None:
+            return super().forward(input)
+        grid = current_grid()
+        w = depth_gather(self.weight, grid, spec.block_shape)
+        rows = spec.block_shape[0]
+        start = grid.index("y") * rows
+        pad = self.padding_idx
+        pad = pad - start if pad is not None and start <= pad < start + rows else None
+        if grid.size("y") == 1:
+            out = F.embedding(input, w, pad)
+        else:
+            local = input - start
+            outside = (local < 0) | (local >= rows)
+            out = F.embedding(local.masked_fill(outside, 0), w, pad)
+            out = all_reduce(out.masked_fill(outside.unsqueeze(-1), 0), grid, "y")
+        return gather_last(out, grid, "x")
+
+
+@functools.cache
+def conv1d_class() -> type[nn.Module]:
+    """The parallel twin of ``transformers.pytorch_utils.Conv1D`` (built on first use so that
+    importing autopar does not import transformers)."""
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    class Conv1D(ShardedModule, HFConv1D):
+        """GPT-2's linear layer, weight stored ``in x out``: the same 3D matmul with the block
+        of rows (in) over x and columns (out) over y."""
+
+        def serial_init(self) -> None:
+            nn.init.normal_(self.weight, std=0.02)
+            nn.init.zeros_(self.bias)
+
+        def forward(self, x: Tensor) -> Tensor:
+            spec = spec_of(self.weight)
+            if spec is None:
+                return super().forward(x)
+            return linear_3d(x, self.weight, self.bias, spec, transposed=True)
+
+    Conv1D.__module__ = __name__
+    return Conv1D
