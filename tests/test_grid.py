@@ -176,3 +176,39 @@ def test_harness_reports_failures_and_hangs():
 
 def _world_size():
     return dist.get_world_size()
+
+
+def _all_reduce_with_broken_peer(peer_action):
+    import os
+    import time
+
+    grid = autopar.init(timeout=5)
+    if dist.get_rank() == 1:
+        if peer_action == "die":
+            os._exit(3)
+        time.sleep(12)  # stuck: never joins the collective
+        return None
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=grid.group("pp", "dp", "z", "y", "x"))
+    except RuntimeError as e:
+        raise RuntimeError(f"collective failed after {time.monotonic() - t0:.0f} s: {e}") from None
+    return None
+
+
+@pytest.mark.parametrize("peer_action", ["die", "stuck"])
+def test_broken_peer_ends_collective_with_error(peer_action):
+    """A dead rank (connection reset) or a stuck one (collective timeout) must make the others
+    raise within the configured timeout rather than wait forever."""
+    import re
+
+    from mp import RankPool
+
+    pool = RankPool(2, timeout=60)
+    try:
+        with pytest.raises(AssertionError) as info:
+            pool.run(_all_reduce_with_broken_peer, peer_action)
+    finally:
+        pool.close(force=True)
+    seconds = int(re.search(r"collective failed after (\d+) s", str(info.value)).group(1))
+    assert seconds <= 10, str(info.value)

@@ -83,10 +83,13 @@ def group_ranks(axes: tuple[str, ...], rank: int, sizes: Mapping[str, int]) -> t
     return tuple(sorted(members))
 
 
-def build_groups(sizes: Mapping[str, int], rank: int,
-                 timeout: timedelta) -> dict[tuple[str, ...], dist.ProcessGroup]:
+def build_groups(sizes: Mapping[str, int], rank: int, timeout: timedelta,
+                 reuse_world: bool) -> dict[tuple[str, ...], dist.ProcessGroup]:
     """Create one process group per distinct membership. Every rank walks the same list in the
-    same order, as ``new_group`` requires; a rank keeps the groups it belongs to."""
+    same order, as ``new_group`` requires; a rank keeps the groups it belongs to.
+
+    ``reuse_world`` lets the all-ranks group be the default group; only do so when that group
+    was created with our timeout, or a user-made world would keep its own (longer) one."""
     world = math.prod(sizes.values())
     by_members: dict[tuple[int, ...], dist.ProcessGroup] = {}
     mine: dict[tuple[str, ...], dist.ProcessGroup] = {}
@@ -95,7 +98,7 @@ def build_groups(sizes: Mapping[str, int], rank: int,
             partition = sorted({group_ranks(axes, r, sizes) for r in range(world)})
             for members in partition:
                 if members not in by_members:
-                    if len(members) == world:
+                    if reuse_world and len(members) == world:
                         by_members[members] = dist.group.WORLD
                     else:
                         by_members[members] = dist.new_group(list(members), timeout=timeout)

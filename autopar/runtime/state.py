@@ -17,6 +17,14 @@ from .grid import Grid, build_groups, resolve_sizes
 from .launcher import detect_launch, resolve_rendezvous
 
 log = logging.getLogger("autopar")
+if not log.handlers:
+    # HPC users read job logs, not logging configs: show autopar's INFO lines (the launcher, the
+    # grid, layers left replicated) unless the application configured the "autopar" logger itself.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[autopar] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 DEFAULT_TIMEOUT_S = 180.0
 """Short enough that a dead rank ends the job within minutes; long enough for a slow first step.
@@ -95,7 +103,7 @@ def init(pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1, z: int = 1,
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    groups = build_groups(sizes, rank, td)
+    groups = build_groups(sizes, rank, td, reuse_world=_owns_world)
     _grid = Grid(sizes=sizes, rank=rank, local_rank=local_rank, launcher=launcher,
                  backend=backend, device=device, _groups=groups)
     seed_everything(seed)
