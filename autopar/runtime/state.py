@@ -108,7 +108,7 @@ def init(pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1, z: int = 1,
                  backend=backend, device=device, _groups=groups)
     seed_everything(seed)
     if rank == 0:
-        log.info("autopar: launcher=%s world=%d %s", launcher, world, _grid)
+        log.info("launcher=%s world=%d %s", launcher, world, _grid)
     return _grid
 
 
