@@ -11,13 +11,15 @@ The order of one step, and why:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data_parallel import allreduce_grads
+from .data_parallel import GradBuckets
+from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
+from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
 from .runtime.params import clip_grad_norm_
 from .runtime.state import current_grid
@@ -46,19 +48,48 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: OptimizerFactory, *, num_microbatches: int,
                  schedule: str, offload: str | None, loss_fn: LossFn | None,
-                 clip_grad_norm: float | None) -> None:
+                 clip_grad_norm: float | None, virtual_stages: int = 1,
+                 split_points: Sequence[str] | None = None,
+                 activation_checkpointing: bool | Sequence[int] = False,
+                 recompute: RecomputePolicy = False, bucket_mb: float = 25.0, zero: int = 0) -> None:
         self.grid = current_grid()
         self.model = model.to(self.grid.device)
+        self.recomputed = apply_recompute(self.model, recompute)
+        self.activation_meter = ActivationMeter(self.model)  # first step only: memory_report
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.offload = offload
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = optimizer(self.params)
         self.step_count = 0
         # Each microbatch's local mean loss stands for 1/(M*dp*z) of the global mean.
         self._loss_scale = 1.0 / (num_microbatches * self.grid.batch_shards)
+        self.pipeline: Pipeline | None = None
+        self._optimizer_factory = optimizer
+        self.bucket_mb = bucket_mb
+        self.zero = zero
+        self.dp: GradBuckets | None = None
+        if self.grid.sizes["pp"] > 1:
+            # The split needs one traced forward, so the stage's parameters (and the optimizer
+            # over them) only exist after the first step.
+            self.pipeline = Pipeline(self.model, self.grid, schedule=schedule, num_microbatches=num_microbatches,
+                                     virtual_stages=virtual_stages, split_points=split_points,
+                                     activation_checkpointing=activation_checkpointing, call=_call_model,
+                                     loss=self._loss, loss_scale=self._loss_scale)
+            self.params: list[nn.Parameter] = []
+            self.optimizer: torch.optim.Optimizer | None = None
+        else:
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = self._make_optimizer(self.params)
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Gradient buckets over ``params``, then the user's optimizer, built by the stepper that
+        owns the step for ``offload``, over what the buckets leave this rank to step (its ZeRO
+        shards, or the parameters themselves)."""
+        self.dp = GradBuckets(params, self.grid, bucket_mb=self.bucket_mb, zero=self.zero)
+        self.stepper = build_stepper(self._optimizer_factory, self.dp.optimizer_params, self.offload, self.grid)
+        self.dp.check_optimizer(self.stepper.optimizer)
+        return self.stepper.optimizer
 
     def _loss(self, output: Any, batch: Any) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -73,9 +104,18 @@ class Engine:
         """Forward and backward over all microbatches of this rank's batch; returns the sum of
         the microbatch losses (detached, on device) without syncing gradients."""
         batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
+        if self.pipeline is not None:
+            if self.dp is not None:  # every bucket is reduced in finish(), after the schedule
+                self.dp.sync = False
+            total = self.pipeline.run(batch)
+            if self.optimizer is None:
+                self.params = self.pipeline.params
+                self.optimizer = self._make_optimizer(self.params)
+            return total
         total = torch.zeros((), device=self.grid.device)
-        for micro in split_batch(batch, self.num_microbatches, "microbatches"):
+        for i, micro in enumerate(split_batch(batch, self.num_microbatches, "microbatches")):
             loss = self._loss(_call_model(self.model, micro), micro)
+            self.dp.sync = i == self.num_microbatches - 1  # only the last backward reduces
             (loss * self._loss_scale).backward()
             total += loss.detach().float()
         return total
@@ -85,25 +125,41 @@ class Engine:
         Returns the global mean loss, identical on every rank."""
         self.model.train()
         total = self.forward_backward(batch)
-        allreduce_grads(self.params, self.grid)
+        self.dp.finish()
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_grads()
         if self.clip_grad_norm is not None:
-            clip_grad_norm_(self.params, self.clip_grad_norm, self.grid)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            clip_grad_norm_(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
+        self.stepper.step()  # also clears the gradients
+        self.dp.after_step()
         self.step_count += 1
+        self.activation_meter.enabled = False
         total *= self._loss_scale
-        if self.grid.batch_shards > 1:
-            dist.all_reduce(total, group=self.grid.group("dp", "z"))
+        if self.grid.size("pp", "dp", "z") > 1:  # only the last stage's total is non-zero
+            dist.all_reduce(total, group=self.grid.group("pp", "dp", "z"))
         return float(total)
 
 
 def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches: int = 1,
                 schedule: str = "1f1b", offload: str | None = None, *,
-                loss_fn: LossFn | None = None, clip_grad_norm: float | None = None) -> Engine:
+                loss_fn: LossFn | None = None, clip_grad_norm: float | None = None,
+                virtual_stages: int = 1, split_points: Sequence[str] | None = None,
+                activation_checkpointing: bool | Sequence[int] = False,
+                recompute: RecomputePolicy = False, bucket_mb: float = 25.0, zero: int = 0) -> Engine:
     """Wrap ``model`` for training on the current grid.
 
     ``optimizer`` is a factory called with this rank's parameters (they may be shards).
     ``loss_fn(output, batch)`` is needed unless the output carries ``.loss`` (Hugging Face).
+    Pipeline options (pp > 1): ``virtual_stages`` chunks per rank for ``schedule="interleaved"``;
+    ``split_points``, module names that start stages 1.., where automatic splitting fails;
+    ``activation_checkpointing``, True or the list of pp stages that recompute activations.
+    ``offload``: None, "optimizer" (optimizer state in host memory between steps) or
+    "optimizer+step" (fp32 master weights, state and the step on the CPU); see ``autopar.offload``.
+    ``recompute``: True recomputes the repeated blocks (transformer layers) in backward; a callable
+    ``policy(qualified_name, module) -> bool`` chooses the modules.
+    ``bucket_mb``: size of the gradient buckets whose reduction overlaps backward.
+    ``zero``: 1 shards the optimizer state over the data-parallel replicas, 2 the reduced
+    gradients as well; needs an elementwise optimizer (see ``autopar.data_parallel.zero``).
     """
     grid = current_grid()
     if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
@@ -115,11 +171,12 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload {offload!r}; choose one of {OFFLOAD_MODES}")
-    if grid.sizes["pp"] > 1:
-        raise NotImplementedError("pipeline parallelism (pp > 1) is not implemented yet")
-    if offload is not None:
-        raise NotImplementedError(f"offload={offload!r} is not implemented yet")
+    if offload == "params":
+        raise NotImplementedError("offload='params' (z-shards on the host until their all-gather) is not implemented yet")
     if clip_grad_norm is not None and clip_grad_norm <= 0:
         raise ValueError(f"clip_grad_norm must be positive, got {clip_grad_norm}")
     return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
-                  offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm)
+                  offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
+                  virtual_stages=virtual_stages, split_points=split_points,
+                  activation_checkpointing=activation_checkpointing, recompute=recompute,
+                  bucket_mb=bucket_mb, zero=zero)

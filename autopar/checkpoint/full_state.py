@@ -26,6 +26,8 @@ def full_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
     model = _model_of(engine_or_model)
     out: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
+        if getattr(module, "_autopar_absent", False):  # lives on another pipeline stage
+            continue
         prefix = f"{prefix}." if prefix else ""
         gather = getattr(module, "autopar_full_state", None)
         if gather is not None:
@@ -36,4 +38,5 @@ def full_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
                          if n not in module._non_persistent_buffers_set)
         for name, tensor in local.items():
             out.setdefault(prefix + name, tensor.detach().to("cpu", copy=True))
-    return out
+    pipeline = getattr(model, "_autopar_pipeline", None)
+    return pipeline.gather_full_state(out) if pipeline is not None else out
