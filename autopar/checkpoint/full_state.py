@@ -14,7 +14,9 @@ from torch import nn
 
 
 def _model_of(engine_or_model: Any) -> nn.Module:
-    model = getattr(engine_or_model, "model", engine_or_model)
+    # A module is taken as is: HF models have a `.model` attribute of their own (the backbone).
+    model = engine_or_model if isinstance(engine_or_model, nn.Module) \
+        else getattr(engine_or_model, "model", engine_or_model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an autopar Engine or an nn.Module, got {type(engine_or_model).__name__}")
     return model
