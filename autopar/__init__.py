@@ -2,8 +2,9 @@
 from .checkpoint import full_state_dict
 from .engine import Engine, parallelize
 from .intra_layer import auto_parallelize
+from .offload import memory_report
 from .runtime import Grid, current_grid, destroy, init, shard_batch
 
 __all__ = ["Engine", "Grid", "auto_parallelize", "current_grid", "destroy", "full_state_dict", "init",
-           "parallelize", "shard_batch"]
+           "memory_report", "parallelize", "shard_batch"]
 __version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""``autopar.memory_report``: bytes per rank of parameters, gradients, optimizer state and peak
+activations, on the compute device and in host (offload) memory.
+
+Activations are measured, not modelled: while an ``ActivationMeter`` is enabled, a saved-tensor
+hook sees every tensor autograd keeps for backward and counts its storage once (views and
+repeated saves share it) until autograd lets go of it; the peak of that running sum over the
+step is the activation figure. Parameters saved for backward are excluded (they are counted as
+parameters). Inside recompute regions autograd saves nothing, so recompute shows up as a lower
+peak; the regions' inputs, kept alive by the recompute closure rather than by autograd, are not
+counted. The engine enables the meter for its first step only, since a Python call per saved
+tensor is not free; set ``engine.activation_meter.enabled = True`` to measure another step.
+On CUDA the report also carries ``torch.cuda.max_memory_allocated``, the allocator's own peak.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+
+
+class _Saved:
+    """What autograd stores instead of a saved tensor; its death releases the count."""
+
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter: "ActivationMeter", key: int, tensor: torch.Tensor) -> None:
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class ActivationMeter:
+    """Peak bytes of tensors saved for backward during the root module's forward calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.enabled = True
+        self.peak = 0
+        self._current = 0
+        self._live: dict[int, list[int]] = {}  # storage address -> [saves alive, bytes]
+        self._params: set[int] = set()
+        self._open: list[Any] = []
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._exit, always_call=True)
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        ctx = None
+        if self.enabled and torch.is_grad_enabled():
+            self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            ctx.__enter__()
+        self._open.append(ctx)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        ctx = self._open.pop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._params:
+            return tensor
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [1, storage.nbytes()]
+            self._current += storage.nbytes()
+            self.peak = max(self.peak, self._current)
+        else:
+            entry[0] += 1
+        return _Saved(self, key, tensor)
+
+    @staticmethod
+    def _unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, key: int) -> None:
+        entry = self._live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self._current -= entry[1]
+            del self._live[key]
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """One rank's memory, in bytes. ``on_device`` is the compute device (``device``, which is the
+    host itself on a CPU-only run); ``on_host`` is what offload keeps in host memory."""
+
+    rank: int
+    device: str
+    offload: str | None
+    on_device: dict[str, int]
+    on_host: dict[str, int]
+    peak_allocated: int | None  # torch.cuda.max_memory_allocated; None off CUDA
+
+    def total(self, where: str = "device") -> int:
+        return sum((self.on_device if where == "device" else self.on_host).values())
+
+
+def format_reports(reports: list[MemoryReport]) -> str:
+    """A text table, one row per rank and place, in MiB."""
+    head = f"{'rank':>4} {'offload':>14} {'where':>10} " + " ".join(f"{c:>15}" for c in CATEGORIES) + f" {'total':>9}"
+    rows = [head]
+    for r in reports:
+        for where, table in ((r.device, r.on_device), ("host", r.on_host)):
+            cells = " ".join(f"{table[c] / 2**20:15.2f}" for c in CATEGORIES)
+            rows.append(f"{r.rank:>4} {str(r.offload):>14} {where:>10} {cells} {sum(table.values()) / 2**20:9.2f}")
+    return "\n".join(rows)
+
+
+def memory_report(engine: Any, all_ranks: bool = False) -> MemoryReport | list[MemoryReport]:
+    """This rank's memory report for an ``autopar`` engine, best taken after the first step.
+    ``all_ranks=True`` gathers every rank's report (a collective: call it on every rank)."""
+    grid = engine.grid
+    table = engine.stepper.memory()
+    peak = torch.cuda.max_memory_allocated(grid.device) if grid.device.type == "cuda" else None
+    report = MemoryReport(rank=grid.rank, device=str(grid.device), offload=engine.offload,
+                          on_device={**table["device"], "activations": engine.activation_meter.peak},
+                          on_host={**table["host"], "activations": 0}, peak_allocated=peak)
+    if not all_ranks:
+        return report
+    gathered: list[Any] = [None] * grid.world_size
+    dist.all_gather_object(gathered, report)
+    return gathered
