@@ -30,9 +30,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..runtime.params import set_grad_axes
 from ..runtime.state import current_grid
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
-from .layout import ShardSpec, bias_spec, divisible, linear_weight_spec
+from .layout import ShardSpec, divisible, linear_weight_spec
 
 log = logging.getLogger("autopar")
 
@@ -81,11 +82,7 @@ def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int) -> tuple[d
     if not divisible(spec.full_shape, spec.dim_axes, sizes):
         return {}, f"weight {tuple(w.shape)} does not divide over {spec.dim_axes} = " \
                    f"({sizes[spec.dim_axes[0]]}, {sizes[spec.dim_axes[1]]})"
-    specs = {"weight": spec}
-    b = layer._parameters.get("bias")
-    if b is not None and sizes["y"] > 1:
-        specs["bias"] = bias_spec(b.shape[0], sizes)
-    return specs, ""
+    return {"weight": spec}, ""
 
 
 def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: int = 0) -> None:
@@ -128,6 +125,10 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
             if id(full) not in pieces:
                 pieces[id(full)] = make_local(full, spec, grid)
             layer._parameters[name] = pieces[id(full)]
+        bias = layer._parameters.get("bias")
+        if plans[id(layer)] and bias is not None and sizes["y"] > 1:
+            # Full copy everywhere, each y rank adds (and gets a gradient for) its own slice.
+            set_grad_axes(bias, ("dp", "z", "y"))
 
 
 @contextmanager

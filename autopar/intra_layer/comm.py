@@ -59,7 +59,7 @@ def _gather_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
     return out.view(n, *t.shape).movedim(0, -2).reshape(*t.shape[:-1], n * t.shape[-1])
 
 
-def _slice_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
+def slice_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
     k = t.shape[-1] // grid.size(axis)
     return t.narrow(-1, grid.index(axis) * k, k)
 
@@ -73,7 +73,7 @@ class _DropLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
         ctx.grid, ctx.axis = grid, axis
-        return _slice_last(t, grid, axis)
+        return slice_last(t, grid, axis)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -88,7 +88,7 @@ class _GatherLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        return _slice_last(g, ctx.grid, ctx.axis), None, None
+        return slice_last(g, ctx.grid, ctx.axis), None, None
 
 
 class _AllReduce(torch.autograd.Function):

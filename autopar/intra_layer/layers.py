@@ -11,13 +11,16 @@ Sharded forward of ``y = x W^T + b`` for a rank at (x, y, z) with its batch slic
     W_yx = all-gather_z(piece)                  # (out/Y, in/X) block; grad reduce-scattered over z
     h    = x[..., in-block of x]                # input is replicated over x and y; grad all-gathered over x
     h    = h @ W_yx^T                           # grad wrt h all-reduced over y, overlapped with dW
-    h    = all-reduce_x(h) + b_y                # bias sharded over y, replicated over x and z
+    h    = all-reduce_x(h) + b[out-block of y]  # bias: a full copy on every rank
     out  = all-gather_y(h)                      # back to full features; grad: own slice
 
 so input and output are ordinary full-feature activations and the layer can stand anywhere.
 Parameter tags: the weight piece is partitioned over (z, y, x) and, its z-sum being done by
-the reduce-scatter, its grad is summed over ``dp`` only; the bias is partitioned over y and
-summed over (dp, z) like any replicated parameter.
+the reduce-scatter, its grad is summed over ``dp`` only. The bias stays full (it is ``out``
+numbers, nothing next to the weight): each y rank produces the gradient of its own slice and
+zeros elsewhere, so its grad is summed over (dp, z, y) and it is counted once in the norm. A full
+bias keeps ties to modules that are not parallel layers intact (BERT's ``cls.predictions.bias``
+is the decoder's bias), which a sharded one would silently break.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
-from .comm import all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul
+from .comm import slice_last, all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul
 from .layout import ShardSpec
 
 
@@ -111,7 +114,7 @@ def linear_3d(inp: Tensor, weight: Tensor, bias: Tensor | None, spec: ShardSpec,
     h = matmul(h, w, grid, "y", transposed)
     h = all_reduce(h, grid, "x")
     if bias is not None:
-        h = h + bias
+        h = h + (slice_last(bias, grid, "y") if grid.size("y") > 1 else bias)
     return gather_last(h, grid, "y")
 
 

@@ -11,8 +11,7 @@ A 2D weight of full shape ``(R, C)`` is laid out in two stages (AxoNN's 3D matmu
    of Z and rank z keeps elements ``z*k : (z+1)*k`` with ``k = ceil(block_numel / Z)``. The local
    parameter is this 1D piece of ``k`` elements; forward all-gathers it over ``z``.
 
-Biases are ``dim_axes = ("y",)`` with ``depth=False``: sharded with the output features, a full
-copy on every x and z rank.
+Biases are not sharded (see ``layers``): every rank holds the full vector.
 
 ``ShardSpec`` is plain data (picklable, no process groups) so checkpoint code can reshard
 between grids with ``spec.shard(full, coords)`` / ``spec.assemble(pieces)`` instead of
@@ -101,10 +100,6 @@ class ShardSpec:
 def linear_weight_spec(full_shape: tuple[int, int], sizes: Mapping[str, int], transposed: bool = False) -> ShardSpec:
     """``out x in`` weight (or ``in x out`` when ``transposed``, for HF ``Conv1D``)."""
     return ShardSpec(tuple(full_shape), ("x", "y") if transposed else ("y", "x"), True, _sizes(sizes))
-
-
-def bias_spec(out_features: int, sizes: Mapping[str, int]) -> ShardSpec:
-    return ShardSpec((out_features,), ("y",), False, _sizes(sizes))
 
 
 def _sizes(sizes: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
