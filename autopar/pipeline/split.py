@@ -54,7 +54,7 @@ def find_blocks(model: nn.Module) -> str:
     parameters ('' for the root itself)."""
     best, best_params = None, -1
     for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
             n = _params(module)
             if n > best_params:
                 best, best_params = name, n
