@@ -1,4 +1,5 @@
-"""Data parallelism: summing gradients over the ranks that replicate a parameter."""
+"""Data parallelism: gradient buckets reduced from backward hooks, no_sync, optional ZeRO-1/2."""
+from .buckets import GradBuckets
 from .sync import allreduce_grads
 
-__all__ = ["allreduce_grads"]
+__all__ = ["GradBuckets", "allreduce_grads"]

@@ -1,0 +1,292 @@
+"""Gradient buckets whose reduction overlaps backward.
+
+Why buckets: one collective per parameter pays the latency of hundreds of small messages; one
+collective after backward leaves the network idle during backward and the compute idle during
+the reduction. A bucket is a flat, contiguous buffer of ~``bucket_mb`` MiB holding the gradients
+of a run of parameters; each parameter's ``.grad`` is a *view* into it, so autograd accumulates
+straight into the buffer (no flatten / unflatten copies) and the bucket is reduced in place.
+
+Order: parameters are packed in reverse registration order, a cheap stand-in for the order in
+which backward produces their gradients (the last layer's gradient is ready first). Buckets are
+then sorted by when their last gradient is expected. A post-accumulate-grad hook counts the
+gradients that have arrived; when a bucket is complete its asynchronous collective starts at
+once, while backward goes on with earlier layers. Buckets are launched strictly in that one
+order on every rank, even if gradients arrive in another order, because collectives on a group
+must be issued in the same order everywhere.
+
+Which ranks: a parameter's gradient is summed over its ``grad_axes`` (``runtime.params``), so
+buckets never mix parameters with different axes (nor dtypes / devices); each bucket reduces over
+its own process group. Parameters whose axes span one rank are not bucketed at all.
+
+Accumulation (``no_sync`` semantics): while ``sync`` is False (every microbatch but the last) or
+inside ``no_sync()``, the hooks only note that a gradient arrived; gradients accumulate locally in
+the buckets, and only the last backward of a step launches collectives.
+
+Unused parameters: on the first step one tiny all-reduce per bucket (and a host sync, once) finds
+parameters that got no gradient on *any* rank; like in a serial run their ``.grad`` is ``None``
+after every reduction, so the optimizer skips them. The set is assumed static afterwards (a
+parameter that stops being used on some ranks simply contributes zeros, which is still the serial
+sum); a parameter found unused that later produces a gradient raises instead of silently
+diverging the replicas.
+
+ZeRO (``zero=1`` / ``zero=2``) keeps this layout and shards the optimizer over each bucket's
+group; see ``zero.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..runtime.grid import Grid
+from ..runtime.params import grad_axes, is_norm_duplicate, shard_axes
+from .zero import check_elementwise, gather_params, shard_buckets
+
+ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """One flat gradient buffer over a run of parameters that share a process group.
+
+    ``numel`` is padded to a multiple of the group size so the buffer splits into equal shards
+    (ZeRO, reduce-scatter); the padding stays zero.
+    """
+
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int
+    axes: tuple[str, ...]
+    group: dist.ProcessGroup
+    world: int
+    rank: int
+    grad: torch.Tensor | None = None
+    seen: list[bool] = field(default_factory=list)      # produced a gradient in any backward
+    arrived: list[bool] = field(default_factory=list)   # produced it in the syncing backward
+    ready: int = 0
+    handle: dist.Work | None = None
+    # ZeRO only: the flat parameter buffer, and this rank's slices of it and of the gradient
+    flat_param: torch.Tensor | None = None
+    shard_param: nn.Parameter | None = None
+    shard_grad: torch.Tensor | None = None
+
+    @property
+    def shard_numel(self) -> int:
+        return self.numel // self.world
+
+    def shard(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous 1/world slice of a flat buffer laid out like the bucket."""
+        return flat[self.rank * self.shard_numel:(self.rank + 1) * self.shard_numel]
+
+    def allocate_grad(self) -> None:
+        """A zeroed flat buffer, and every parameter's ``.grad`` made a view into it. Keeping
+        ``.grad`` defined is what makes autograd accumulate *into* the buffer instead of
+        installing a fresh tensor."""
+        like = self.params[0]
+        self.grad = torch.zeros(self.numel, dtype=like.dtype, device=like.device)
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        """Point every ``.grad`` (and the ZeRO shard's) back at the buffer: the optimizer wrapper
+        may have set them to None."""
+        for p, off in zip(self.params, self.offsets):
+            p.grad = self.grad[off:off + p.numel()].view_as(p)
+        if self.shard_param is not None:
+            self.shard_param.grad = self.shard_grad
+
+    def reset(self) -> None:
+        self.seen = [False] * len(self.params)
+        self.arrived = [False] * len(self.params)
+        self.ready = 0
+
+
+def _bucket_key(p: nn.Parameter, zero: int) -> tuple:
+    """Parameters in one bucket must reduce over the same group with the same dtype. Under ZeRO
+    a bucket shard becomes one optimizer parameter whose norm is counted by its tags, so the
+    norm tags must agree as well."""
+    key: tuple = (grad_axes(p), p.dtype, p.device)
+    return key + (shard_axes(p), is_norm_duplicate(p)) if zero else key
+
+
+def _plan(params: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Pack parameters into buckets of at most ``cap_bytes`` (a larger tensor gets a bucket of its
+    own), walking them in reverse registration order; return the buckets sorted by the position
+    of their last parameter, i.e. by when they are expected to be complete."""
+    open_: dict[tuple, list[nn.Parameter]] = {}
+    open_bytes: dict[tuple, int] = {}
+    last_pos: dict[tuple, int] = {}
+    closed: list[tuple[int, list[nn.Parameter]]] = []
+    for pos, p in enumerate(reversed(params)):
+        key = _bucket_key(p, zero)
+        size = p.numel() * p.element_size()
+        if key in open_ and open_bytes[key] + size > cap_bytes:
+            closed.append((last_pos[key], open_.pop(key)))
+        if key not in open_:
+            open_[key], open_bytes[key] = [], 0
+        open_[key].append(p)
+        open_bytes[key] += size
+        last_pos[key] = pos
+    closed.extend((last_pos[key], ps) for key, ps in open_.items())
+    return [ps for _, ps in sorted(closed, key=lambda c: c[0])]
+
+
+class GradBuckets:
+    """Bucketed, backward-overlapped gradient reduction for one rank's parameters.
+
+    The engine's protocol per step: set ``sync`` before each backward (True only for the last
+    microbatch), call ``finish()`` after the last backward and before clipping / the optimizer,
+    and ``after_step()`` after the optimizer step (instead of ``optimizer.zero_grad``).
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], grid: Grid, *, bucket_mb: float, zero: int) -> None:
+        if zero not in ZERO_STAGES:
+            raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be positive, got {bucket_mb!r}")
+        self.grid = grid
+        self.zero = zero
+        self.params = list(params)
+        self.sync = True
+        self._no_sync_depth = 0
+        self._next = 0
+        self._unused: list[nn.Parameter] | None = None
+        reduced = [p for p in params if grad_axes(p) and grid.size(*grad_axes(p)) > 1]
+        ids = {id(p) for p in reduced}
+        self.local_params = [p for p in params if id(p) not in ids]
+        self.buckets: list[Bucket] = []
+        for ps in _plan(reduced, zero, int(bucket_mb * 2**20)):
+            axes = grad_axes(ps[0])
+            world = grid.size(*axes)
+            offsets, total = [], 0
+            for p in ps:
+                offsets.append(total)
+                total += p.numel()
+            bucket = Bucket(params=ps, offsets=offsets, numel=-(-total // world) * world, axes=axes,
+                            group=grid.group(*axes), world=world, rank=grid.index(*axes))
+            bucket.reset()
+            # Gradients from before the buckets existed (a pipeline builds its stages during the
+            # first step's backward) move into the buffer and are reduced by the next finish().
+            earlier = [p.grad for p in ps]
+            bucket.allocate_grad()
+            for slot, (p, g) in enumerate(zip(ps, earlier)):
+                if g is not None:
+                    p.grad.copy_(g)
+                    bucket.seen[slot] = True
+            self.buckets.append(bucket)
+        for bucket in self.buckets:
+            for slot, p in enumerate(bucket.params):
+                p.register_post_accumulate_grad_hook(
+                    lambda _p, bucket=bucket, slot=slot: self._on_grad(bucket, slot))
+        if zero:
+            shard_buckets(self.buckets, zero)
+
+    # --- the optimizer's view of the parameters -------------------------------------------
+    @property
+    def optimizer_params(self) -> list[nn.Parameter]:
+        """What the optimizer steps and clipping measures: the model parameters, or under ZeRO
+        this rank's flat shard of every bucket plus the parameters that are not reduced."""
+        if not self.zero:
+            return self.params
+        return [b.shard_param for b in self.buckets] + self.local_params
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """ZeRO steps flat slices of several tensors: only elementwise optimizers are exact."""
+        if self.zero:
+            check_elementwise(optimizer)
+
+    # --- accumulation ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally and launch no collective."""
+        self._no_sync_depth += 1
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
+
+    def _on_grad(self, bucket: Bucket, slot: int) -> None:
+        bucket.seen[slot] = True
+        if not self.sync or self._no_sync_depth:
+            return
+        if bucket.arrived[slot]:
+            raise RuntimeError(
+                f"a gradient of shape {tuple(bucket.params[slot].shape)} arrived twice in the last "
+                "backward of a step, after its bucket may already be reduced; run only one backward "
+                "per microbatch (reentrant activation checkpointing does this: use use_reentrant=False)")
+        bucket.arrived[slot] = True
+        bucket.ready += 1
+        while self._next < len(self.buckets) and \
+                self.buckets[self._next].ready == len(self.buckets[self._next].params):
+            self._launch(self.buckets[self._next])
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.zero == 2:
+            bucket.handle = dist.reduce_scatter_single(bucket.shard_grad, bucket.grad, group=bucket.group,
+                                                       async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(bucket.grad, group=bucket.group, async_op=True)
+        self._next += 1
+
+    # --- end of step ---------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Launch the buckets backward did not complete (unused parameters, or no syncing
+        backward at all), then wait once for every reduction. Afterwards each ``.grad`` (or ZeRO
+        shard gradient) holds the serial gradient."""
+        if self._no_sync_depth:
+            raise RuntimeError("finish() inside no_sync(): leave no_sync before the step that syncs")
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+        if self._unused is None:
+            self._unused = self._find_unused()
+        for bucket, slot in self._unused:
+            if bucket.seen[slot]:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(bucket.params[slot].shape)} got no gradient on any "
+                    "rank in the first step but has one now; autopar assumes the set of unused "
+                    "parameters is fixed")
+            bucket.params[slot].grad = None
+        if self.zero == 2:
+            for bucket in self.buckets:  # the reduced gradient lives in the shard only
+                for p in bucket.params:
+                    p.grad = None
+                bucket.grad = None
+        self._next = 0
+
+    def _find_unused(self) -> list[tuple[Bucket, int]]:
+        """(bucket, slot) of the parameters that produced no gradient on any rank of their
+        group. First step only: it costs a tiny all-reduce per bucket and a host sync."""
+        unused = []
+        for bucket in self.buckets:
+            seen = torch.tensor(bucket.seen, dtype=torch.float32, device=bucket.grad.device)
+            dist.all_reduce(seen, group=bucket.group)
+            unused += [(bucket, slot) for slot, s in enumerate(seen.tolist()) if s == 0]
+        if unused and self.zero:
+            shapes = [tuple(b.params[slot].shape) for b, slot in unused[:5]]
+            raise ValueError(
+                f"{len(unused)} parameter(s) (shapes {shapes}) got no gradient on any rank; with "
+                "zero=1/2 they would be stepped with a zero gradient, unlike a serial run. Freeze "
+                "them (requires_grad_(False)) or use zero=0")
+        return unused
+
+    def after_step(self) -> None:
+        """After the optimizer step: under ZeRO all-gather the updated shards into every
+        replica; then clear the gradients for the next step: buckets zeroed in place with every
+        ``.grad`` pointing into them again, other parameters' ``.grad`` set to None."""
+        if self.zero:
+            gather_params(self.buckets)
+        for bucket in self.buckets:
+            if bucket.grad is None:
+                bucket.allocate_grad()
+            else:
+                bucket.grad.zero_()
+                bucket.attach_grads()
+            bucket.reset()
+        for p in self.local_params:
+            p.grad = None

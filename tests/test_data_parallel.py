@@ -1,0 +1,208 @@
+"""Gradient buckets, overlap, no_sync and ZeRO-1/2 against a serial run, on 4 gloo ranks.
+
+Buckets are made tiny (``bucket_mb`` of a few hundred floats) so every model has several, and
+every check compares to a serial AdamW run of the same global batch in fp32.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import autopar
+from autopar.data_parallel import GradBuckets, allreduce_grads
+from autopar.runtime.params import set_grad_axes
+
+TINY_BUCKET_MB = 1 / 1024  # 1 KiB: 256 fp32 values
+GRIDS = [dict(dp=4), dict(dp=2, z=2), dict(dp=2, x=2)]
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, unused: bool = False):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.LayerNorm(32),
+                                       torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        self.spare = torch.nn.Linear(4, 4) if unused else None  # never called
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _mse(out, batch):
+    return torch.nn.functional.mse_loss(out, batch[1])
+
+
+def _batches(steps, n=16):
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(n, 8, generator=g), torch.randn(n, 4, generator=g)) for _ in range(steps)]
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def _serial(steps, clip, unused=False):
+    torch.manual_seed(0)
+    model = MLP(unused)
+    opt = _adamw(model.parameters())
+    losses = []
+    for x, y in _batches(steps):
+        loss = _mse(model(x), (x, y))
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, model.state_dict(), sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim())
+
+
+def _train(microbatches, zero, clip, unused=False):
+    torch.manual_seed(0)
+    engine = autopar.parallelize(MLP(unused), optimizer=_adamw, num_microbatches=microbatches, loss_fn=_mse,
+                                 clip_grad_norm=clip, bucket_mb=TINY_BUCKET_MB, zero=zero)
+    losses = [engine.step(autopar.shard_batch(b)) for b in _batches(3)]
+    return engine, losses
+
+
+def _assert_equals_serial(engine, losses, ref_losses, ref_state):
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    full = autopar.full_state_dict(engine)
+    assert full.keys() == ref_state.keys()
+    for k in full:
+        torch.testing.assert_close(full[k], ref_state[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def check_grid_equals_serial(grid_kwargs):
+    """Every (microbatches, zero, clip) combination on one grid, against serial."""
+    grid = autopar.init(**grid_kwargs)
+    results = []
+    for clip in (None, 0.05):
+        ref_losses, ref_state, ref_state_numel = _serial(3, clip)
+        for microbatches in (1, 4):
+            for zero in (0, 1, 2):
+                engine, losses = _train(microbatches, zero, clip)
+                assert len(engine.dp.buckets) >= 4, "buckets must be small enough to be several"
+                _assert_equals_serial(engine, losses, ref_losses, ref_state)
+                state_numel = sum(t.numel() for s in engine.optimizer.state.values() for t in s.values() if t.dim())
+                if zero:
+                    n = grid.size("dp", "z")
+                    padded = sum(b.numel for b in engine.dp.buckets)
+                    assert state_numel * n == 2 * padded, (state_numel, padded, n)
+                    assert padded - ref_state_numel // 2 < n * len(engine.dp.buckets)  # padding only
+                else:
+                    assert state_numel == ref_state_numel
+                results.append((clip, microbatches, zero, losses))
+    return results
+
+
+@pytest.mark.parametrize("grid_kwargs", GRIDS, ids=lambda g: "x".join(f"{k}{v}" for k, v in g.items()))
+def test_buckets_and_zero_equal_serial(pool4, grid_kwargs):
+    per_rank = pool4.run(check_grid_equals_serial, grid_kwargs)
+    assert all(r == per_rank[0] for r in per_rank), "losses must be identical on every rank"
+
+
+def check_overlap(microbatches):
+    """Record the order of collectives and of the input layer's gradient (one of the last that
+    backward produces): a bucket must be launched before it, and only in the last microbatch."""
+    autopar.init(dp=4)
+    torch.manual_seed(0)
+    engine = autopar.parallelize(MLP(), optimizer=_adamw, num_microbatches=microbatches, loss_fn=_mse,
+                                 bucket_mb=TINY_BUCKET_MB)
+    events = []
+    engine.model.net[0].weight.register_post_accumulate_grad_hook(lambda p: events.append("input-grad"))
+    real = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        events.append("all_reduce")
+        return real(tensor, *args, **kwargs)
+
+    first, second = _batches(2)
+    engine.step(autopar.shard_batch(first))  # the first step also looks for unused parameters
+    events.clear()
+    dist.all_reduce = recording
+    try:
+        engine.step(autopar.shard_batch(second))
+    finally:
+        dist.all_reduce = real
+    return events, len(engine.dp.buckets)
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_first_bucket_is_reduced_while_backward_runs(pool4, microbatches):
+    events, buckets = pool4.run(check_overlap, microbatches)[0]
+    ends = [i for i, e in enumerate(events) if e == "input-grad"]  # end of each backward
+    assert len(ends) == microbatches
+    last_starts = ends[-2] + 1 if microbatches > 1 else 0
+    assert "all_reduce" not in events[:last_starts], "no reduction while accumulating"
+    assert events[last_starts:ends[-1]].count("all_reduce") >= 1, events
+    # one all-reduce per bucket, plus the loss afterwards
+    assert events.count("all_reduce") == buckets + 1
+
+
+def check_reduce_matches_coalesced(grid_kwargs):
+    """The bucketed reduction, with no_sync accumulation and a mix of grad_axes, equals the
+    one-shot coalesced all-reduce (``allreduce_grads``). Over 2 ranks a sum has one order, so
+    the match is bitwise; over more, gloo's ring adds each element in an order that depends on
+    where it sits in the buffer, so the match is to fp32 summation order."""
+    grid = autopar.init(**grid_kwargs)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(MLP())
+        for p in models[-1].net[3].parameters():
+            set_grad_axes(p, ("dp",))  # as a depth-sharded layer would: a second bucket class
+    buckets = GradBuckets(list(models[0].parameters()), grid, bucket_mb=TINY_BUCKET_MB, zero=0)
+    assert {b.axes for b in buckets.buckets} == {("dp",), ("dp", "z")} if grid.sizes["z"] > 1 else {("dp", "z")}
+    g = torch.Generator().manual_seed(grid.rank)
+    data = [(torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)) for _ in range(3)]
+    with buckets.no_sync():
+        for x, y in data[:2]:
+            _mse(models[0](x), (x, y)).backward()
+    for x, y in data[2:]:
+        _mse(models[0](x), (x, y)).backward()
+    buckets.finish()
+    for x, y in data:
+        _mse(models[1](x), (x, y)).backward()
+    allreduce_grads(models[1].parameters(), grid)
+    for bucket in buckets.buckets:
+        for p in bucket.params:
+            q = dict(zip(map(id, models[0].parameters()), models[1].parameters()))[id(p)]
+            if bucket.world == 2:
+                assert torch.equal(p.grad, q.grad)
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    buckets.after_step()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in models[0].parameters())
+
+
+@pytest.mark.parametrize("grid_kwargs", [dict(dp=4), dict(dp=2, z=2), dict(dp=2, x=2)], ids=["dp4", "dp2xz2", "dp2xx2"])
+def test_reduction_matches_the_coalesced_all_reduce(pool4, grid_kwargs):
+    pool4.run(check_reduce_matches_coalesced, grid_kwargs)
+
+
+def check_unused(zero):
+    autopar.init(dp=4)
+    try:
+        engine, losses = _train(2, zero, None, unused=True)
+    except ValueError as e:
+        return str(e)
+    ref_losses, ref_state, _ = _serial(3, None, unused=True)
+    _assert_equals_serial(engine, losses, ref_losses, ref_state)  # weight decay would move it
+    return None
+
+
+def test_unused_parameters_get_no_gradient(pool4):
+    assert pool4.run(check_unused, 0) == [None] * 4
+    for message in pool4.run(check_unused, 1):
+        assert "got no gradient on any rank" in message
+
+
+def check_rejects_non_elementwise():
+    autopar.init(dp=4)
+    with pytest.raises(ValueError, match="elementwise"):
+        autopar.parallelize(MLP(), optimizer=lambda p: torch.optim.Adafactor(p), loss_fn=_mse, zero=1)
+    with pytest.raises(ValueError, match="zero must be one of"):
+        autopar.parallelize(MLP(), optimizer=_adamw, loss_fn=_mse, zero=3)
+
+
+def test_zero_rejects_non_elementwise_optimizer(pool4):
+    pool4.run(check_rejects_non_elementwise)
