@@ -18,6 +18,7 @@ unit may contain tensor-parallel layers.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -90,6 +91,9 @@ class Pipeline:
         self.tracer: Tracer | None = None
         self.flow: Flow | None = None
         self.ctx: _Pass | None = None
+        # Set to [] to record (kind, chunk, mb, start, end) per action, start taken once its
+        # receives have arrived, i.e. busy time only; host clock, so CPU runs only (bench/).
+        self.timeline: list[tuple[str, int, int, float, float]] | None = None
         self.state_order = list(model.state_dict().keys())
         for i, module in enumerate(self.units.modules):
             module.forward = functools.partial(self._call_unit, i, module.forward)
@@ -251,12 +255,15 @@ class Pipeline:
         for i, action in enumerate(self.actions):
             for ahead in self.actions[i:i + LOOKAHEAD]:
                 self._post_recv(ahead)
+            self._ready = time.perf_counter()
             if action.kind == "F":
                 self._forward(action, micros[action.mb])
             elif action.kind == "B":
                 self._backward(action)
             else:
                 backward_weight(self.deferred.pop((action.chunk, action.mb)))
+            if self.timeline is not None:
+                self.timeline.append((*action, self._ready, time.perf_counter()))
         self.p2p.wait_sends()
         return self.total
 
@@ -275,6 +282,7 @@ class Pipeline:
         bufs, works = self.recvs.pop(key)
         for w in works:
             w.wait()
+        self._ready = time.perf_counter()
         return bufs
 
     def _forward(self, a: Action, micro: Any) -> None:
