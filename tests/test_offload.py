@@ -4,6 +4,7 @@ On a CPU-only machine the "device" is the host, so the copies are host to host; 
 check that the state lives in the offload buffers (not merely on some CPU tensor) and that every
 mode gives the serial numbers.
 """
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -76,23 +77,30 @@ def _assert_state_on_host(engine):
     if engine.offload == "optimizer":
         homes = {buf.untyped_storage().data_ptr() for c in stepper._chunks for buf in c.host.values()}
         big = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
-        assert len(big) == 2 * len(engine.params)  # exp_avg, exp_avg_sq
+        assert len(big) == 2 * len(stepper.params)  # exp_avg, exp_avg_sq
         assert all(t.device.type == "cpu" and t.untyped_storage().data_ptr() in homes for t in big)
     if engine.offload == "optimizer+step":
         masters = opt.param_groups[0]["params"]
-        assert masters is not engine.params and len(masters) == len(engine.params)
+        assert len(masters) == len(stepper.params) and masters[0] is not stepper.params[0]
         assert all(m.device.type == "cpu" and m.dtype == torch.float32 for m in masters)
         assert all(t.device.type == "cpu" for s in opt.state.values() for t in s.values())
         assert opt.param_groups[0]["fused"] is True  # the fast path was selected
 
 
-def check_modes_equal_serial(grid_kwargs, clip):
+def check_modes_equal_serial(grid_kwargs, clip, tensor_parallel, zero):
+    """Every mode on one grid; with ``tensor_parallel`` the layers are built sharded, so the
+    steppers see shards, and with ``zero`` they see flat ZeRO shards of several tensors."""
     ref_losses, ref_state = _serial(clip)
     autopar.init(**grid_kwargs)
     results = {}
     for mode in MODES:
         torch.manual_seed(0)
-        engine = autopar.parallelize(Net(), optimizer=_adamw, loss_fn=_mse, clip_grad_norm=clip, offload=mode)
+        with autopar.auto_parallelize() if tensor_parallel else nullcontext():
+            model = Net()
+        engine = autopar.parallelize(model, optimizer=_adamw, loss_fn=_mse, clip_grad_norm=clip, offload=mode,
+                                     zero=zero)
+        if tensor_parallel:
+            assert sum(p.numel() for p in engine.params) < sum(p.numel() for p in Net().parameters())
         losses = [engine.step(autopar.shard_batch(b)) for b in _batches()]
         _assert_state_on_host(engine)
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6, msg=f"offload={mode}")
@@ -110,13 +118,16 @@ def check_modes_equal_serial(grid_kwargs, clip):
 
 
 def test_offload_dp2_equals_serial(pool2):
-    per_rank = pool2.run(check_modes_equal_serial, dict(dp=2), None)
+    per_rank = pool2.run(check_modes_equal_serial, dict(dp=2), None, False, 0)
     assert all(r == per_rank[0] for r in per_rank)
 
 
-@pytest.mark.parametrize("grid_kwargs, clip", [(dict(dp=2, z=2), 0.05), (dict(dp=2, x=2), None)])
-def test_offload_4_ranks_equals_serial(pool4, grid_kwargs, clip):
-    per_rank = pool4.run(check_modes_equal_serial, grid_kwargs, clip)
+@pytest.mark.parametrize("grid_kwargs, clip, tensor_parallel, zero", [
+    (dict(dp=2, z=2), 0.05, False, 0),
+    (dict(dp=2, x=2), None, True, 1),  # x-sharded layers, optimizer state ZeRO-1 sharded over dp
+])
+def test_offload_4_ranks_equals_serial(pool4, grid_kwargs, clip, tensor_parallel, zero):
+    per_rank = pool4.run(check_modes_equal_serial, grid_kwargs, clip, tensor_parallel, zero)
     assert all(r == per_rank[0] for r in per_rank)
 
 

@@ -60,21 +60,45 @@ class CpuStepper:
         self._grad_flat = host_empty(numel, torch.float32, self.device)
         self.masters = [nn.Parameter(v) for v in _flat_views(self._master_flat, self.params)]
         self._grads = _flat_views(self._grad_flat, self.params)
+        # Plain tensors sharing the weights' storage, made once: detaching per step costs more
+        # than the copies of a small model.
+        self._param_data = [p.detach() for p in self.params]
+        self._master_data = [m.detach() for m in self.masters]
+        self._push_src, self._casts = self._staging()
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._handed_over = [False] * len(self.params)
         self._copies = SideCopies(self.device)
-        self._grads_landed: torch.cuda.Event | None = None
         self.grad_bytes = 0
         self.pull_params()
         self.optimizer = prefer_fused(factory(self.masters))
         self.optimizer.register_load_state_dict_post_hook(lambda _opt: self.pull_params())
+
+    def _staging(self) -> tuple[list[torch.Tensor], list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        """Sources of the weight copy to the device: the masters themselves for fp32 parameters,
+        and for others a (pinned) host buffer in the parameter's dtype that the masters are
+        converted into on the host. torch converts a mismatched host-to-device copy through a
+        pageable temporary, which would make the copy synchronous."""
+        sources = list(self._master_data)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(self.params):
+            if p.dtype != torch.float32:
+                by_dtype.setdefault(p.dtype, []).append(i)
+        casts = []
+        for dtype, indices in by_dtype.items():
+            like = [self.params[i] for i in indices]
+            views = _flat_views(host_empty(sum(p.numel() for p in like), dtype, self.device), like)
+            for i, view in zip(indices, views):
+                sources[i] = view
+            casts.append((views, [self._master_data[i] for i in indices]))
+        return sources, casts
 
     @torch.no_grad()
     def pull_params(self) -> None:
         """Refresh the master weights from the device parameters: at start, and after anything
         overwrote the device weights (a checkpoint load). Loading the optimizer's state dict does
         this automatically; a loader that writes only the model must call it. Blocks the host."""
-        torch._foreach_copy_([m.detach() for m in self.masters], [p.detach() for p in self.params])
+        self._copies.synchronize()  # a weight copy to the device may still read the masters
+        torch._foreach_copy_(self._master_data, self._param_data)
 
     @torch.no_grad()
     def grads_ready(self, params: Sequence[nn.Parameter]) -> None:
@@ -89,7 +113,6 @@ class CpuStepper:
         with self._copies:
             src = [self.params[i].grad for i in indices]
             torch._foreach_copy_([self._grads[i] for i in indices], src, non_blocking=True)
-            self._grads_landed = self._copies.done()
         for i in indices:
             self._handed_over[i] = True
 
@@ -100,13 +123,14 @@ class CpuStepper:
         self.grad_bytes = tensor_bytes(p.grad for p in self.params if p.grad is not None)
         for master, grad, has in zip(self.masters, self._grads, have_grad):
             master.grad = grad if has else None  # no gradient this step: the optimizer skips it
-        if self._grads_landed is not None:
-            self._grads_landed.synchronize()
-            self._grads_landed = None
+        # The host waits for the gradients, and with them for the previous step's weight copy,
+        # which read the masters and the staging buffers about to be overwritten.
+        self._copies.synchronize()
         self.optimizer.step()
+        for staged, masters in self._casts:
+            torch._foreach_copy_(staged, masters)
         with self._copies:
-            torch._foreach_copy_([p.detach() for p in self.params], [m.detach() for m in self.masters],
-                                 non_blocking=True)
+            torch._foreach_copy_(self._param_data, self._push_src, non_blocking=True)
             landed = self._copies.done()
         device_waits(landed, self.device)
         for p in self.params:
@@ -119,5 +143,6 @@ class CpuStepper:
     def memory(self) -> MemoryTable:
         return {"device": {"parameters": tensor_bytes(self.params), "gradients": self.grad_bytes,
                            "optimizer_state": 0},
-                "host": {"parameters": self._master_flat.nbytes, "gradients": self._grad_flat.nbytes,
+                "host": {"parameters": self._master_flat.nbytes + sum(tensor_bytes(v) for v, _ in self._casts),
+                         "gradients": self._grad_flat.nbytes,
                          "optimizer_state": tensor_bytes(state_tensors(self.optimizer))}}
