@@ -103,6 +103,29 @@ def test_schedules_cover_every_microbatch_once(schedule, pp, m):
             assert a.kind == "F" or (("F" if a.kind == "B" else "B"), a.chunk, a.mb) in prior
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_messages_between_two_ranks_come_in_the_same_order(schedule):
+    """Each rank sends and receives in its own action order; NCCL matches point-to-point
+    messages by order (it ignores tags), so both ends of every rank pair must agree."""
+    for pp, m in itertools.product((2, 3, 4), (1, 2, 4, 8, 12)):
+        for v in ((2, 3) if schedule == "interleaved" else (1,)):
+            if schedule == "interleaved" and m % pp:
+                continue
+            sent: dict[tuple, list] = {}
+            received: dict[tuple, list] = {}
+            for r in range(pp):
+                for kind, c, mb in build_schedule(schedule, pp, r, m, v):
+                    if kind == "F" and c > 0:
+                        received.setdefault(((c - 1) % pp, r), []).append(("act", c, mb))
+                    if kind == "F" and c < pp * v - 1:
+                        sent.setdefault((r, (c + 1) % pp), []).append(("act", c + 1, mb))
+                    if kind == "B" and c < pp * v - 1:
+                        received.setdefault(((c + 1) % pp, r), []).append(("grad", c + 1, mb))
+                    if kind == "B" and c > 0:
+                        sent.setdefault((r, (c - 1) % pp), []).append(("grad", c, mb))
+            assert sent == received, (pp, m, v)
+
+
 def test_zero_bubble_split_equals_full_backward():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.LayerNorm(7), nn.Linear(7, 3))
@@ -137,12 +160,13 @@ def test_pp2_microbatch_counts_sgd(pool2):
 
 def test_pp2_checkpointing_split_points_clipping(pool2):
     cases = [(("gpt2", "1f1b", 2, 4), {"activation_checkpointing": True}),
+             (("bert", "interleaved", 2, 2), {"v": 2, "activation_checkpointing": [0]}),
              (("llama", "gpipe", 2, 2), {"activation_checkpointing": [1], "clip": 0.05}),
              (("gpt2", "zerobubble", 2, 4), {"clip": 0.05}),
              (("gpt2", "1f1b", 2, 2), {"split_points": ["transformer.h.3"]}),
              (("skip", "1f1b", 2, 4), {"split_points": ["blocks.1"], "opt": "sgd"})]
     infos = pool2.run(run_cases, cases)[0]
-    assert infos[3]["bounds"][1] == 5  # wte, wpe, h.0, h.1, h.2 | h.3, ...: the user's cut
+    assert infos[4]["bounds"][1] == 5  # wte, wpe, h.0, h.1, h.2 | h.3, ...: the user's cut
 
 
 def _tied_and_balanced() -> tuple:
@@ -165,6 +189,16 @@ def test_pp2_tied_embedding_identical_and_split_balanced(pool2):
     stage = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
     assert max(stage) == pytest.approx(min(max(sum(costs[:k]), sum(costs[k:])) for k in range(1, len(costs))))
     assert len(bounds) == 3 and bounds[1] == 4  # wte, wpe, h.0, h.1 | h.2, h.3, ln_f, lm_head
+
+
+class UsesWeightInGlue(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](self.blocks[0](x)) @ self.head.weight  # head never called
 
 
 class CallsBlockTwice(nn.Module):
@@ -207,6 +241,8 @@ def _bad_inputs() -> list[str]:
     kinds.append(_expect_error(lambda: engine.step(batch("gpt2", 4)), "does not divide into 3 microbatches"))
     twice = autopar.parallelize(CallsBlockTwice(), opt, 2, loss_fn=mse)
     kinds.append(_expect_error(lambda: twice.step(torch.randn(4, 4)), "'blocks.0' is called twice"))
+    glue = autopar.parallelize(UsesWeightInGlue(), opt, 2, loss_fn=mse)
+    kinds.append(_expect_error(lambda: glue.step(torch.randn(4, 4)), "uses parameter 'head.weight' directly"))
     # Errors leave no collective half-done: a good engine still trains afterwards.
     good = autopar.parallelize(build("gpt2", 4), opt, num_microbatches=2)
     good.step(batch("gpt2", 4))
@@ -215,7 +251,7 @@ def _bad_inputs() -> list[str]:
 
 def test_bad_inputs_raise_on_every_rank(pool2):
     results = pool2.run(_bad_inputs)
-    assert results[0] == results[1] and len(results[0]) == 8
+    assert results[0] == results[1] and len(results[0]) == 9
 
 
 # -- four ranks -------------------------------------------------------------------------------

@@ -128,8 +128,10 @@ class Flow:
         return sorted(k for k in later if k[0] < boundary)
 
 
-def _sources(values: Any, leaf_keys: dict[int, Key]) -> set[Key]:
-    """Unit outputs (as leaf tensors) that the tensors in ``values`` were computed from."""
+def _sources(values: Any, leaf_keys: dict[int, Key], params: dict[int, str]) -> set[Key]:
+    """Unit outputs (as leaf tensors) that the tensors in ``values`` were computed from. Units
+    run without autograd while tracing, so a parameter found here is used by the glue code
+    itself, outside its module's forward: it would not live on the stage that needs it."""
     found: set[Key] = set()
     seen: set[Any] = set()
     stack = []
@@ -148,6 +150,9 @@ def _sources(values: Any, leaf_keys: dict[int, Key]) -> set[Key]:
         var = getattr(node, "variable", None)
         if var is not None and id(var) in leaf_keys:
             found.add(leaf_keys[id(var)])
+        if var is not None and id(var) in params:
+            raise UntraceableModel(f"the model's forward uses parameter {params[id(var)]!r} directly, "
+                                   f"outside its module's forward; {_fix_hint()}")
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return found
 
@@ -157,7 +162,8 @@ class Tracer:
 
     def __init__(self, units: Units) -> None:
         self.units = units
-        self.position = {id(m): i for i, m in enumerate(units.modules)}
+        self.params = {id(p): f"{name}.{n}" for name, m in zip(units.names, units.modules)
+                       for n, p in m.named_parameters()}
         self.leaf_keys: dict[int, Key] = {}
         self.keep: list[torch.Tensor] = []
         self.flow = Flow([], [], [], [], [])
@@ -171,7 +177,7 @@ class Tracer:
                 f"module {self.units.names[unit]!r} is called twice in one forward (shared weights), "
                 f"so it cannot live on a single stage; {_fix_hint()}")
         pos = len(flow.order)
-        flow.deps.append(_sources((args, kwargs), self.leaf_keys))
+        flow.deps.append(_sources((args, kwargs), self.leaf_keys, self.params))
         with torch.no_grad():
             out = forward(*args, **kwargs)
         now = self.counter.get_total_flops()
@@ -198,7 +204,7 @@ class Tracer:
 
     def finish(self, loss: torch.Tensor) -> Flow:
         flow = self.flow
-        flow.final_deps = _sources(loss, self.leaf_keys)
+        flow.final_deps = _sources(loss, self.leaf_keys, self.params)
         if flow.flops:
             flow.flops[-1] += float(self.counter.get_total_flops() - self.mark)
         return flow
