@@ -125,7 +125,8 @@ def test_offload_dp2_equals_serial(pool2):
 @pytest.mark.parametrize("grid_kwargs, clip, tensor_parallel, zero", [
     (dict(dp=2, z=2), 0.05, False, 0),
     (dict(dp=2, x=2), None, True, 1),  # x-sharded layers, optimizer state ZeRO-1 sharded over dp
-])
+    (dict(pp=2, x=2), 0.05, True, 0),  # each stage steps its own x-shards; clipping spans stages
+], ids=["dp2-z2-clip", "dp2-x2-zero1", "pp2-x2-clip"])
 def test_offload_4_ranks_equals_serial(pool4, grid_kwargs, clip, tensor_parallel, zero):
     per_rank = pool4.run(check_modes_equal_serial, grid_kwargs, clip, tensor_parallel, zero)
     assert all(r == per_rank[0] for r in per_rank)
