@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import remember_aliases
 from .data_parallel import GradBuckets
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
@@ -53,15 +54,18 @@ class Engine:
                  activation_checkpointing: bool | Sequence[int] = False,
                  recompute: RecomputePolicy = False, bucket_mb: float = 25.0, zero: int = 0) -> None:
         self.grid = current_grid()
+        remember_aliases(model)  # checkpoints name tied weights as the serial model does
         self.model = model.to(self.grid.device)
         self.recomputed = apply_recompute(self.model, recompute)
-        self.activation_meter = ActivationMeter(self.model)  # first step only: memory_report
+        self.activation_meter = ActivationMeter(self.model)
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.offload = offload
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.step_count = 0
+        # Called once the optimizer exists (pp > 1: in the first step), e.g. to load its state.
+        self.on_optimizer: list[Callable[[], None]] = []
         # Each microbatch's local mean loss stands for 1/(M*dp*z) of the global mean.
         self._loss_scale = 1.0 / (num_microbatches * self.grid.batch_shards)
         self.pipeline: Pipeline | None = None
@@ -111,6 +115,9 @@ class Engine:
             if self.optimizer is None:
                 self.params = self.pipeline.params
                 self.optimizer = self._make_optimizer(self.params)
+                for callback in self.on_optimizer:
+                    callback()
+                self.on_optimizer.clear()
             return total
         total = torch.zeros((), device=self.grid.device)
         for i, micro in enumerate(split_batch(batch, self.num_microbatches, "microbatches")):
@@ -124,7 +131,8 @@ class Engine:
         """One training step on this rank's share of the global batch (``autopar.shard_batch``).
         Returns the global mean loss, identical on every rank."""
         self.model.train()
-        total = self.forward_backward(batch)
+        with self.activation_meter:  # measures the first step only (memory_report)
+            total = self.forward_backward(batch)
         self.dp.finish()
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()

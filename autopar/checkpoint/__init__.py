@@ -1,4 +1,14 @@
-"""Checkpoints: full state dicts now; sharded save, reshard on load and HF export to come."""
-from .full_state import full_state_dict
+"""Checkpoints: full state dicts, sharded save with reshard on load, Hugging Face export.
 
-__all__ = ["full_state_dict"]
+Depends only on ``runtime``: what a rank holds is read from duck-typed attributes (a
+parameter's ``_autopar_spec`` and tags, a module's ``_autopar_absent``, the engine's optimizer,
+stepper and buckets), so no parallel axis is imported here.
+"""
+from .full_state import full_state_dict
+from .hf import save_pretrained
+from .local import remember_aliases
+from .sharded import load_checkpoint, save_checkpoint
+from .storage import CheckpointError
+
+__all__ = ["CheckpointError", "full_state_dict", "load_checkpoint", "remember_aliases", "save_checkpoint",
+           "save_pretrained"]
