@@ -10,8 +10,8 @@ import autopar
 from autopar.runtime.grid import resolve_sizes
 from autopar.runtime.launcher import Launch, detect_launch, expand_hostlist
 
-SRUN_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_NODELIST": "gpu[07-08,10]", "SLURM_STEP_NODELIST": "gpu[08,10]",
+SRUN_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_STEP_ID": "0", "SLURM_NODELIST": "gpu[07-08,10]", "SLURM_STEP_NODELIST": "gpu[08,10]",
              "SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_JOB_ID": "123456"}
 # What the batch script of `sbatch -n 8` sees: rank 0 of an 8-task allocation, but no step.
 SBATCH_BATCH_STEP = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
@@ -57,6 +57,14 @@ def test_sbatch_batch_step_is_not_a_launch():
     """The batch script has SLURM_PROCID=0 and SLURM_NTASKS=8 but no SLURM_STEP_ID. Taking it for
     rank 0 of 8 would make `python train.py` in an sbatch script wait forever for 7 ranks."""
     assert detect_launch(SBATCH_BATCH_STEP) == Launch("none", 0, 1, 0, "127.0.0.1", None)
+
+
+def test_salloc_interactive_step_is_a_world_of_one():
+    """With LaunchParameters=use_interactive_step, salloc -n 3 opens a shell as a one-task step that
+    keeps the allocation's SLURM_NTASKS=3 (measured on Slurm 22.05): `python train.py` typed there
+    is one process and must not wait for 3."""
+    env = {**SBATCH_BATCH_STEP, "SLURM_NTASKS": "3", "SLURM_STEP_ID": "4294967290", "SLURM_STEP_NUM_TASKS": "1"}
+    assert (detect_launch(env).launcher, detect_launch(env).world_size) == ("slurm", 1)
 
 
 def test_mpirun_inside_slurm_allocation_is_mpi():

@@ -86,12 +86,14 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
         return Launch("mpich", int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
                       _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0), addr, port)
     # SLURM_STEP_ID is set by srun only: the batch script itself (rank 0 of nothing) is not a launch.
+    # The world is the step's task count: salloc's interactive step (a shell, one task) keeps the
+    # allocation's SLURM_NTASKS.
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
         if addr is None:
             addr = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env["SLURM_NODELIST"])[0]
         if port is None:
             port = 10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000
-        return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+        return Launch("slurm", int(env["SLURM_PROCID"]), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
                       _int(env, "SLURM_LOCALID", default=0), addr, port)
     if any(k in env for k in ("PMIX_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE")) \
             or env.get("AUTOPAR_LAUNCHER") == "mpi":
