@@ -103,6 +103,7 @@ def check_modes_equal_serial(grid_kwargs, clip, tensor_parallel, zero):
             assert sum(p.numel() for p in engine.params) < sum(p.numel() for p in Net().parameters())
         losses = [engine.step(autopar.shard_batch(b)) for b in _batches()]
         _assert_state_on_host(engine)
+        assert autopar.memory_report(engine).on_device["activations"] > 0
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6, msg=f"offload={mode}")
         full = autopar.full_state_dict(engine)
         assert full.keys() == ref_state.keys()

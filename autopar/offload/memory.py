@@ -36,7 +36,10 @@ class _Saved:
 
 
 class ActivationMeter:
-    """Peak bytes of tensors saved for backward during the root module's forward calls."""
+    """Peak bytes of tensors saved for backward inside ``with meter:`` while ``enabled``.
+
+    The engine wraps forward and backward of a step in it, so every schedule (gradient
+    accumulation, pipeline stages) is measured the same way."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -45,22 +48,19 @@ class ActivationMeter:
         self._current = 0
         self._live: dict[int, list[int]] = {}  # storage address -> [saves alive, bytes]
         self._params: set[int] = set()
-        self._open: list[Any] = []
-        model.register_forward_pre_hook(self._enter)
-        model.register_forward_hook(self._exit, always_call=True)
+        self._hooks: Any = None
 
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        ctx = None
-        if self.enabled and torch.is_grad_enabled():
+    def __enter__(self) -> "ActivationMeter":
+        if self.enabled:
             self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-            ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-            ctx.__enter__()
-        self._open.append(ctx)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+        return self
 
-    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        ctx = self._open.pop()
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+            self._hooks = None
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         storage = tensor.untyped_storage()

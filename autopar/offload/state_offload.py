@@ -94,6 +94,9 @@ class StateOffloadStepper:
                 group["params"] = params
         opt.zero_grad(set_to_none=True)
 
+    def grads_ready(self, params: Sequence[nn.Parameter]) -> None:
+        """Nothing to start early: the state moves in ``step``, chunk by chunk."""
+
     def synchronize(self) -> None:
         """Wait until the state copied out by the last step has landed in host memory."""
         self._d2h.synchronize()

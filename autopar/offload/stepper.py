@@ -45,6 +45,10 @@ class DeviceStepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grads_ready(self, params: Sequence[nn.Parameter]) -> None:
+        """Hook for the gradient sync (called per bucket as its reduction ends); only
+        ``offload="optimizer+step"`` has something to start early: the copy to the host."""
+
     def synchronize(self) -> None:
         """Nothing is ever in flight here."""
 
