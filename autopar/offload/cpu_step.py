@@ -118,10 +118,10 @@ class CpuStepper:
 
     @torch.no_grad()
     def step(self) -> None:
-        have_grad = [p.grad is not None for p in self.params]
-        self._copy_grads([i for i, (has, done) in enumerate(zip(have_grad, self._handed_over)) if has and not done])
-        self.grad_bytes = tensor_bytes(p.grad for p in self.params if p.grad is not None)
-        for master, grad, has in zip(self.masters, self._grads, have_grad):
+        self._copy_grads([i for i, (p, done) in enumerate(zip(self.params, self._handed_over))
+                          if p.grad is not None and not done])
+        self.grad_bytes = tensor_bytes(p for p, has in zip(self.params, self._handed_over) if has)  # as on the device
+        for master, grad, has in zip(self.masters, self._grads, self._handed_over):
             master.grad = grad if has else None  # no gradient this step: the optimizer skips it
         # The host waits for the gradients, and with them for the previous step's weight copy,
         # which read the masters and the staging buffers about to be overwritten.

@@ -122,7 +122,7 @@ class StateOffloadStepper:
         """Copy ``chunk``'s state out after its step and point the optimizer at the host copies."""
         state = self.optimizer.state
         slots = [(p, key) for params in chunk.groups for p in params
-                 for key, t in state[p].items() if isinstance(t, torch.Tensor) and t.dim() > 0]
+                 for key, t in state.get(p, {}).items() if isinstance(t, torch.Tensor) and t.dim() > 0]
         if [(id(p), k) for p, k in slots] != [(id(p), k) for p, k in chunk.slots]:
             self._lay_out(chunk, slots)
         if not slots:  # no parameter of this chunk has had a gradient yet
