@@ -73,13 +73,17 @@ def engine(grid: dict, seed: int, **options) -> autopar.Engine:
     return autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps, **LR), num_microbatches=micro, **options)
 
 
-def run(grid: dict, path: str, first: int, last: int, load: bool, save: bool, options: dict | None = None):
-    """Steps ``first..last-1`` on ``grid``; loads ``path`` before and/or saves it after."""
+def run(grid: dict, path: str, first: int, last: int, load: bool, save: bool, options: dict | None = None,
+        hf: str | None = None):
+    """Steps ``first..last-1`` on ``grid``; loads ``path`` before and/or saves it after (and
+    exports a Hugging Face folder to ``hf``)."""
     eng = engine(grid, seed=0 if first == 0 else 123, **(options or {}))
     extra = autopar.load_checkpoint(eng, path) if load else None
     losses = [eng.step(autopar.shard_batch(b)) for b in batches()[first:last]]
     if save:
         autopar.save_checkpoint(eng, path, extra={"next_batch": last})
+    if hf:
+        autopar.save_pretrained(eng, hf, max_shard_size="20KB")
     full = autopar.full_state_dict(eng)
     return losses, (full if autopar.current_grid().rank == 0 else None), extra, eng.step_count
 
@@ -101,10 +105,12 @@ def check_against_reference(losses, full):
     assert "transformer.wte.weight" in full
 
 
-def reshard(pool_a, grid_a, pool_b, grid_b, path, opts_a=None, opts_b=None):
-    first = pool_a(run, grid_a, path, 0, SAVE_AT, False, True, opts_a)
+def reshard(pool_a, grid_a, pool_b, grid_b, path, opts_a=None, opts_b=None, hf=None):
+    first = pool_a(run, grid_a, path, 0, SAVE_AT, False, True, opts_a, hf)
     ref_losses, _ = reference()
     assert first[0][0] == pytest.approx(ref_losses[:SAVE_AT], rel=1e-5, abs=1e-6)
+    if hf:
+        check_hf_export(hf, first[0][1])
     second = pool_b(run, grid_b, path, SAVE_AT, STEPS, True, False, opts_b)
     losses, full, extra, steps = second[0]
     assert all(r[0] == losses for r in second)
@@ -133,9 +139,135 @@ def test_xyz_to_world_of_one_and_back(pool8, tmp_path):
     reshard(one, {}, pool8.run, dict(x=2, y=2, z=2), str(tmp_path / "b"))
 
 
-def test_pp_x_to_dp_z(pool4, tmp_path):
-    reshard(pool4.run, dict(pp=2, x=2), pool4.run, dict(dp=2, z=2), str(tmp_path / "ck"))
+def test_pp_x_to_dp_z_and_hf_export(pool4, tmp_path):
+    """Also exports the pp=2 x x=2 model (tied wte/lm_head on two stages) to Hugging Face."""
+    reshard(pool4.run, dict(pp=2, x=2), pool4.run, dict(dp=2, z=2), str(tmp_path / "ck"), hf=str(tmp_path / "hf"))
 
 
 def test_xyz_to_pp4(pool8, tmp_path):
     reshard(pool8.run, dict(x=2, y=2, z=2), pool8.run, dict(pp=4), str(tmp_path / "ck"))
+
+
+# --- Hugging Face export -------------------------------------------------------------------------
+def check_hf_export(folder: str, full: dict[str, torch.Tensor]) -> None:
+    """Plain ``transformers`` in this one process loads the folder with identical weights."""
+    files = sorted(os.listdir(folder))
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1  # max_shard_size forced several files
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    state = loaded.state_dict()
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    for name, ref in full.items():
+        assert torch.equal(state[name], ref), name
+
+
+def test_hf_export_tensor_parallel(pool4, tmp_path):
+    results = pool4.run(run, dict(x=2, y=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
+    check_hf_export(str(tmp_path / "hf"), results[0][1])
+
+
+# --- atomicity: a save killed midway ---------------------------------------------------------------
+KILLED_SAVE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import autopar, autopar.checkpoint.sharded as sharded
+    import test_checkpoint as t
+    eng = t.engine({{}}, seed=0)
+    for b in t.batches()[:t.SAVE_AT]:
+        eng.step(b)
+    autopar.save_checkpoint(eng, {path!r}, extra={{"next_batch": t.SAVE_AT}})
+    eng.step(t.batches()[t.SAVE_AT])
+    real = sharded.write_pieces
+    def dying(path, pieces):
+        real(path, pieces[:len(pieces) // 2])   # half of the file lands, then the process dies
+        os._exit(3)
+    sharded.write_pieces = dying
+    autopar.save_checkpoint(eng, {path!r}, extra={{"next_batch": t.SAVE_AT + 1}})
+""")
+
+
+def test_kill_during_save_then_resume(tmp_path):
+    """The process dies while writing its second checkpoint: the first one is intact, and a
+    new job resuming from it continues exactly like the uninterrupted serial run."""
+    path = str(tmp_path / "ck")
+    script = KILLED_SAVE.format(tests=os.path.dirname(__file__), path=path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert any(".tmp-" in p for p in os.listdir(tmp_path))  # the killed save's staging directory
+    losses, full, extra, steps = in_process(run, {}, path, SAVE_AT, STEPS, True, False)
+    assert extra == {"next_batch": SAVE_AT} and steps == STEPS
+    check_against_reference(losses, full)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+def _save_tiny(path: str, layers: int = 4) -> None:
+    autopar.init()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=8, n_embd=16, n_layer=layers, n_head=2))
+    autopar.save_checkpoint(autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps)), path)
+
+
+def _load_error(path: str, layers: int = 4) -> str:
+    if not autopar.runtime.is_initialized():
+        autopar.init()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=8, n_embd=16, n_layer=layers, n_head=2))
+    with pytest.raises(autopar.CheckpointError) as info:
+        autopar.load_checkpoint(autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps)), path)
+    return str(info.value)
+
+
+def _damage(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path):
+    good = str(tmp_path / "good")
+    in_process(_save_tiny, good)
+    shard = os.path.join(good, "rank-00000.safetensors")
+    assert "another model" in in_process(_load_error, good, 2)
+    assert "no checkpoint" in in_process(_load_error, str(tmp_path / "nothing"))
+    cases = {"missing shard": lambda p: os.remove(p),
+             "partial": lambda p: os.truncate(p, os.path.getsize(p) // 2),
+             "checksum mismatch": lambda p: _damage(p, os.path.getsize(p) - 7),
+             "corrupted shard": lambda p: _damage(p, 9)}
+    for problem, damage in cases.items():
+        bad = str(tmp_path / problem.replace(" ", "_"))
+        subprocess.run(["cp", "-r", good, bad], check=True)
+        damage(os.path.join(bad, os.path.basename(shard)))
+        assert problem in in_process(_load_error, bad), problem
+
+
+def _save_then_fail_to_load(path: str) -> str:
+    autopar.init(x=2)
+    with autopar.auto_parallelize():
+        model = gpt2(0)
+    eng = autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps))
+    autopar.save_checkpoint(eng, path)
+    if autopar.current_grid().rank == 0:
+        os.remove(os.path.join(path, "rank-00001.safetensors"))
+    torch.distributed.barrier()
+    with pytest.raises(autopar.CheckpointError) as info:
+        autopar.load_checkpoint(eng, path)
+    return str(info.value)
+
+
+def test_missing_shard_raises_on_every_rank(pool2, tmp_path):
+    """Only rank 1 reads the deleted file, yet both ranks raise (and neither hangs)."""
+    for message in pool2.run(_save_then_fail_to_load, str(tmp_path / "ck")):
+        assert "missing shard" in message and "rank-00001" in message
+
+
+def test_plain_module_without_init(tmp_path):
+    a, b = gpt2(0), gpt2(1)
+    autopar.save_checkpoint(a, tmp_path / "ck")
+    assert autopar.load_checkpoint(b, tmp_path / "ck") == {}
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert json.load(open(tmp_path / "ck" / "index.json"))["param_groups"] is None
