@@ -8,10 +8,8 @@ as one process or under any launcher, and the parallel layout is only a command-
     python examples/train_gpt.py
     torchrun --nproc_per_node 4 examples/train_gpt.py --grid dp=4
     mpirun -n 4 --oversubscribe python examples/train_gpt.py
-    srun -O -n 4 python examples/train_gpt.py --grid pp=2,x=2
-
-Axes that autopar does not implement yet (pipeline or tensor parallelism, while they are
-built) stop the run with a clear NotImplementedError.
+    srun -O -n 4 python examples/train_gpt.py --grid pp=2,x=2 --microbatches 2
+    torchrun --nproc_per_node 8 examples/train_gpt.py --grid pp=2,x=2,z=2 --microbatches 2
 
 Every rank draws the same seeded global batch and trains on its ``autopar.shard_batch`` share, so
 a run on any grid follows the serial run. Rank 0 shows a progress bar and writes one CSV row per
