@@ -104,7 +104,7 @@ def test_bad_grid_fails_on_every_rank():
     """torchrun kills the other ranks as soon as one fails, so it cannot show that each rank
     raises by itself. Here 4 ranks get torchrun's variables and no supervisor: a rank that went
     on to the rendezvous instead of raising would wait there for peers that are gone."""
-    port = str(_free_port())
+    port = str(_free_ports(1)[0])
     procs = [subprocess.Popen([sys.executable, SCRIPT, "3"], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
                               env=clean_env(RANK=str(r), WORLD_SIZE="4", LOCAL_RANK=str(r),
@@ -126,10 +126,15 @@ def test_bad_grid_fails_on_every_rank():
                 proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound at once, so the kernel cannot hand one out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 # --- Slurm --------------------------------------------------------------------------------------
@@ -210,9 +215,10 @@ def slurm() -> dict[str, str]:
     (root / "munge").mkdir(mode=0o755)
     shutil.chown(root / "munge", "munge", "munge")
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(
-        host=socket.gethostname().split(".")[0], root=root, ctld_port=_free_port(), d_port=_free_port(),
-        first_job=1000 + os.getpid() % 40000, cpus=os.cpu_count()))
+    ctld_port, d_port = _free_ports(2)
+    # first_job: job ids, and so the srun rendezvous ports derived from them, differ between runs.
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], root=root, ctld_port=ctld_port,
+                                      d_port=d_port, first_job=1000 + os.getpid() % 40000, cpus=os.cpu_count()))
     env = clean_env(SLURM_CONF=str(conf), PATH=SBIN_PATH)
     pidfiles = [root / "munge" / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     try:
