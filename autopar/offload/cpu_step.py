@@ -14,7 +14,8 @@ Timeline of one step on a GPU: gradients go device -> host on a side stream, as 
 ``grads_ready`` is told they are final (the data-parallel engine can call it per bucket as soon
 as the bucket's reduction finishes) and at the latest when ``step`` starts; the host waits only
 for those copies, steps, and queues the updated weights host -> device on the side stream. The
-compute stream waits for that copy on the device, never the host.
+compute stream waits for that copy on the device; the host does not wait for it (until something
+reads a device value, such as ``Engine.step``'s returned loss).
 """
 from __future__ import annotations
 

@@ -58,7 +58,6 @@ class DeviceStepper:
                 "host": {"parameters": 0, "gradients": 0, "optimizer_state": 0}}
 
 
-
 class SideCopies:
     """Host<->device copies on a side stream, ordered after the compute stream's queued work.
 
