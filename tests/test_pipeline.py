@@ -266,3 +266,26 @@ def test_pp2_dp2_every_schedule(pool4):
     cases = [((name, schedule, 2, 2), {"v": _v(schedule), "clip": 0.05 if name == "gpt2" else None})
              for name in ("gpt2", "llama", "skip") for schedule in SCHEDULES]
     pool4.run(run_cases, cases)
+
+
+def _with_tensor_parallel(name: str, schedule: str, x: int, y: int) -> None:
+    """Tensor-parallel layers (built under auto_parallelize) inside the stages: the pipeline
+    only moves modules, so they keep their sharded weights and paired collectives."""
+    opt = _optimizer("sgd")
+    autopar.init(pp=2, x=x, y=y)
+    with autopar.auto_parallelize():
+        model = build(name, 4)
+    engine = autopar.parallelize(model, optimizer=opt, num_microbatches=2, schedule=schedule)
+    losses = [engine.step(autopar.shard_batch(batch(name, GLOBAL_BATCH, seed=s + 1))) for s in range(3)]
+    full = autopar.full_state_dict(engine)
+    autopar.destroy()
+    ref_losses, ref = _serial(name, 4, "sgd", 3, None)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    assert set(full) == set(ref)
+    for key in ref:
+        torch.testing.assert_close(full[key], ref[key], rtol=1e-5, atol=1e-5, msg=lambda s: f"{key}\n{s}")
+
+
+def test_pp2_with_tensor_parallel_stages(pool4):
+    pool4.run(_with_tensor_parallel, "gpt2", "1f1b", 2, 1)
+    pool4.run(_with_tensor_parallel, "llama", "zerobubble", 1, 2)
