@@ -123,14 +123,14 @@ def one(fn, *args):
 
 
 # --- the resharding matrix -------------------------------------------------------------------
-def test_dp_x_to_z_y(pool4, tmp_path):
-    reshard(pool4.run, dict(dp=2, x=2), pool4.run, dict(z=2, y=2), str(tmp_path / "ck"))
+def test_dp_x_to_z_y(pool8, tmp_path):
+    reshard(pool8.run, dict(dp=4, x=2), pool8.run, dict(dp=2, z=2, y=2), str(tmp_path / "ck"))
 
 
-def test_zero_and_offload_to_tensor_parallel(pool4, tmp_path):
+def test_zero_and_offload_to_tensor_parallel(pool8, tmp_path):
     """ZeRO shards of the optimizer state (flat ranges across tensors) and host-stepped master
     weights reshard like everything else."""
-    reshard(pool4.run, dict(dp=2, y=2), pool4.run, dict(x=2, z=2), str(tmp_path / "ck"),
+    reshard(pool8.run, dict(dp=4, y=2), pool8.run, dict(dp=2, x=2, z=2), str(tmp_path / "ck"),
             opts_a=dict(zero=1), opts_b=dict(offload="optimizer+step"))
 
 
@@ -139,9 +139,10 @@ def test_xyz_to_world_of_one_and_back(pool8, tmp_path):
     reshard(one, {}, pool8.run, dict(x=2, y=2, z=2), str(tmp_path / "b"))
 
 
-def test_pp_x_to_dp_z_and_hf_export(pool4, tmp_path):
+def test_pp_x_to_dp_z_and_hf_export(pool8, tmp_path):
     """Also exports the pp=2 x x=2 model (tied wte/lm_head on two stages) to Hugging Face."""
-    reshard(pool4.run, dict(pp=2, x=2), pool4.run, dict(dp=2, z=2), str(tmp_path / "ck"), hf=str(tmp_path / "hf"))
+    reshard(pool8.run, dict(pp=2, dp=2, x=2), pool8.run, dict(dp=4, z=2), str(tmp_path / "ck"),
+            hf=str(tmp_path / "hf"))
 
 
 def test_xyz_to_pp4(pool8, tmp_path):
@@ -161,8 +162,8 @@ def check_hf_export(folder: str, full: dict[str, torch.Tensor]) -> None:
         assert torch.equal(state[name], ref), name
 
 
-def test_hf_export_tensor_parallel(pool4, tmp_path):
-    results = pool4.run(run, dict(x=2, y=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
+def test_hf_export_tensor_parallel(pool8, tmp_path):
+    results = pool8.run(run, dict(x=2, y=2, z=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
     check_hf_export(str(tmp_path / "hf"), results[0][1])
 
 
@@ -258,9 +259,9 @@ def _save_then_fail_to_load(path: str) -> str:
     return str(info.value)
 
 
-def test_missing_shard_raises_on_every_rank(pool2, tmp_path):
-    """Only rank 1 reads the deleted file, yet both ranks raise (and neither hangs)."""
-    for message in pool2.run(_save_then_fail_to_load, str(tmp_path / "ck")):
+def test_missing_shard_raises_on_every_rank(pool8, tmp_path):
+    """Only the x=1 ranks read the deleted file, yet every rank raises (and none hangs)."""
+    for message in pool8.run(_save_then_fail_to_load, str(tmp_path / "ck")):
         assert "missing shard" in message and "rank-00001" in message
 
 
