@@ -138,6 +138,48 @@ def test_first_bucket_is_reduced_while_backward_runs(pool4, microbatches):
     assert events.count("all_reduce") == buckets + 1
 
 
+class RegisteredBackwards(torch.nn.Module):
+    """Modules registered in the opposite order to the one they run in: reverse registration
+    order puts the input layer's gradient, one of the last to be ready, in the first bucket."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(32, 4)
+        self.mid = torch.nn.Linear(32, 32)
+        self.inp = torch.nn.Linear(8, 32)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+
+def check_rebuild_in_arrival_order():
+    autopar.init(dp=4)
+    torch.manual_seed(0)
+    engine = autopar.parallelize(RegisteredBackwards(), optimizer=_adamw, loss_fn=_mse, bucket_mb=TINY_BUCKET_MB)
+    model = engine.model
+    inp = {id(model.inp.weight), id(model.inp.bias)}
+    assert any(id(p) in inp for p in engine.dp.buckets[0].params)
+    first, second = _batches(2)
+    engine.step(autopar.shard_batch(first))
+    assert not any(id(p) in inp for p in engine.dp.buckets[0].params)
+    assert any(p is model.head.weight or p is model.head.bias for p in engine.dp.buckets[0].params)
+    events = []
+    model.inp.weight.register_post_accumulate_grad_hook(lambda p: events.append("input-grad"))
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (events.append("all_reduce"), real(*a, **k))[1]
+    try:
+        engine.step(autopar.shard_batch(second))
+    finally:
+        dist.all_reduce = real
+    assert events.index("all_reduce") < events.index("input-grad"), events
+    return [tuple(p.shape) for p in engine.dp.buckets[0].params]
+
+
+def test_buckets_follow_the_real_gradient_order(pool4):
+    layouts = pool4.run(check_rebuild_in_arrival_order)
+    assert all(layout == layouts[0] for layout in layouts)
+
+
 def check_reduce_matches_coalesced(grid_kwargs):
     """The bucketed reduction, with no_sync accumulation and a mix of grad_axes, equals the
     one-shot coalesced all-reduce (``allreduce_grads``). Over 2 ranks a sum has one order, so

@@ -6,13 +6,15 @@ the reduction. A bucket is a flat, contiguous buffer of ~``bucket_mb`` MiB holdi
 of a run of parameters; each parameter's ``.grad`` is a *view* into it, so autograd accumulates
 straight into the buffer (no flatten / unflatten copies) and the bucket is reduced in place.
 
-Order: parameters are packed in reverse registration order, a cheap stand-in for the order in
-which backward produces their gradients (the last layer's gradient is ready first). Buckets are
-then sorted by when their last gradient is expected. A post-accumulate-grad hook counts the
-gradients that have arrived; when a bucket is complete its asynchronous collective starts at
-once, while backward goes on with earlier layers. Buckets are launched strictly in that one
-order on every rank, even if gradients arrive in another order, because collectives on a group
-must be issued in the same order everywhere.
+Order: the first step packs parameters in reverse registration order, a cheap stand-in for the
+order in which backward produces their gradients (the last layer's is ready first). Hooks record
+the real order during that step, and after its reduction the buckets are re-planned in it once
+(the first rank's order wins, so every rank has the same layout). Buckets are sorted by when
+their last gradient is expected. A post-accumulate-grad hook counts the gradients that have
+arrived; when a bucket is complete its asynchronous collective starts at once, while backward
+goes on with earlier layers. Buckets are launched strictly in that one order on every rank, even
+if gradients arrive in another order, because collectives on a group must be issued in the same
+order everywhere.
 
 Which ranks: a parameter's gradient is summed over its ``grad_axes`` (``runtime.params``), so
 buckets never mix parameters with different axes (nor dtypes / devices); each bucket reduces over
@@ -112,15 +114,15 @@ def _bucket_key(p: nn.Parameter, zero: int) -> tuple:
     return key + (shard_axes(p), is_norm_duplicate(p)) if zero else key
 
 
-def _plan(params: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list[nn.Parameter]]:
-    """Pack parameters into buckets of at most ``cap_bytes`` (a larger tensor gets a bucket of its
-    own), walking them in reverse registration order; return the buckets sorted by the position
-    of their last parameter, i.e. by when they are expected to be complete."""
+def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Pack parameters, given in the order their gradients are expected, into buckets of at most
+    ``cap_bytes`` (a larger tensor gets a bucket of its own); return the buckets sorted by the
+    position of their last parameter, i.e. by when they are expected to be complete."""
     open_: dict[tuple, list[nn.Parameter]] = {}
     open_bytes: dict[tuple, int] = {}
     last_pos: dict[tuple, int] = {}
     closed: list[tuple[int, list[nn.Parameter]]] = []
-    for pos, p in enumerate(reversed(params)):
+    for pos, p in enumerate(order):
         key = _bucket_key(p, zero)
         size = p.numel() * p.element_size()
         if key in open_ and open_bytes[key] + size > cap_bytes:
@@ -154,35 +156,63 @@ class GradBuckets:
         self._no_sync_depth = 0
         self._next = 0
         self._unused: list[nn.Parameter] | None = None
-        reduced = [p for p in params if grad_axes(p) and grid.size(*grad_axes(p)) > 1]
-        ids = {id(p) for p in reduced}
+        self._cap = int(bucket_mb * 2**20)
+        self.reduced = [p for p in params if grad_axes(p) and grid.size(*grad_axes(p)) > 1]
+        ids = {id(p) for p in self.reduced}
         self.local_params = [p for p in params if id(p) not in ids]
-        self.buckets: list[Bucket] = []
-        for ps in _plan(reduced, zero, int(bucket_mb * 2**20)):
+        self._where: dict[int, tuple[Bucket, int]] = {}
+        # Gradients from before the buckets existed (a pipeline builds its stages during the first
+        # step's backward) are reduced by the first finish(); the order is learnt in the next step.
+        early = any(p.grad is not None for p in self.reduced)
+        # ZeRO fixes the layout (the optimizer owns flat slices of it), so it is never rebuilt.
+        self._rebuild_in = None if zero else (2 if early else 1)
+        self._arrival: list[nn.Parameter] = []
+        order = self.reduced[::-1]
+        self.buckets = self._make_buckets(_plan(order, zero, self._cap))
+        for p in self.reduced:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        if zero:
+            shard_buckets(self.buckets, zero)
+
+    def _make_buckets(self, plan: list[list[nn.Parameter]]) -> list[Bucket]:
+        """Flat buffers for ``plan``; a gradient already present is copied into its view."""
+        buckets = []
+        for ps in plan:
             axes = grad_axes(ps[0])
-            world = grid.size(*axes)
+            world = self.grid.size(*axes)
             offsets, total = [], 0
             for p in ps:
                 offsets.append(total)
                 total += p.numel()
             bucket = Bucket(params=ps, offsets=offsets, numel=-(-total // world) * world, axes=axes,
-                            group=grid.group(*axes), world=world, rank=grid.index(*axes))
+                            group=self.grid.group(*axes), world=world, rank=self.grid.index(*axes))
             bucket.reset()
-            # Gradients from before the buckets existed (a pipeline builds its stages during the
-            # first step's backward) move into the buffer and are reduced by the next finish().
             earlier = [p.grad for p in ps]
             bucket.allocate_grad()
             for slot, (p, g) in enumerate(zip(ps, earlier)):
+                self._where[id(p)] = (bucket, slot)
                 if g is not None:
                     p.grad.copy_(g)
                     bucket.seen[slot] = True
-            self.buckets.append(bucket)
-        for bucket in self.buckets:
-            for slot, p in enumerate(bucket.params):
-                p.register_post_accumulate_grad_hook(
-                    lambda _p, bucket=bucket, slot=slot: self._on_grad(bucket, slot))
-        if zero:
-            shard_buckets(self.buckets, zero)
+            buckets.append(bucket)
+        return buckets
+
+    def _rebuild(self) -> None:
+        """Re-plan the buckets in the order gradients really arrived in this step (hooks record
+        it), e.g. when modules are registered in another order than they run. Ranks must agree
+        on one layout, so the order of the first rank of this stage's replicas and shards wins;
+        the reduced gradients move into the new buffers once."""
+        seen = {id(p) for p in self._arrival}
+        local = self._arrival + [p for p in self.reduced[::-1] if id(p) not in seen]
+        index = {id(p): i for i, p in enumerate(self.reduced)}
+        order = torch.tensor([index[id(p)] for p in local], dtype=torch.int64, device=self.grid.device)
+        stage = ("dp", "z", "y", "x")
+        if self.grid.size(*stage) > 1:
+            dist.broadcast(order, group=self.grid.group(*stage), group_src=0)
+        plan = _plan([self.reduced[i] for i in order.tolist()], self.zero, self._cap)
+        self._arrival = []
+        if [[id(p) for p in ps] for ps in plan] != [[id(p) for p in b.params] for b in self.buckets]:
+            self.buckets = self._make_buckets(plan)
 
     # --- the optimizer's view of the parameters -------------------------------------------
     @property
@@ -208,7 +238,10 @@ class GradBuckets:
         finally:
             self._no_sync_depth -= 1
 
-    def _on_grad(self, bucket: Bucket, slot: int) -> None:
+    def _on_grad(self, p: nn.Parameter) -> None:
+        bucket, slot = self._where[id(p)]
+        if self._rebuild_in and not bucket.seen[slot]:
+            self._arrival.append(p)
         bucket.seen[slot] = True
         if not self.sync or self._no_sync_depth:
             return
@@ -245,13 +278,20 @@ class GradBuckets:
             bucket.handle = None
         if self._unused is None:
             self._unused = self._find_unused()
-        for bucket, slot in self._unused:
+        for p in self._unused:
+            bucket, slot = self._where[id(p)]
             if bucket.seen[slot]:
                 raise RuntimeError(
-                    f"a parameter of shape {tuple(bucket.params[slot].shape)} got no gradient on any "
-                    "rank in the first step but has one now; autopar assumes the set of unused "
-                    "parameters is fixed")
-            bucket.params[slot].grad = None
+                    f"a parameter of shape {tuple(p.shape)} got no gradient on any rank in the first "
+                    "step but has one now; autopar assumes the set of unused parameters is fixed")
+            p.grad = None
+        if self._rebuild_in is not None:
+            self._rebuild_in -= 1
+            if self._rebuild_in == 0:
+                self._rebuild_in = None
+                self._rebuild()
+                for p in self._unused:
+                    p.grad = None
         if self.zero == 2:
             for bucket in self.buckets:  # the reduced gradient lives in the shard only
                 for p in bucket.params:
@@ -259,20 +299,19 @@ class GradBuckets:
                 bucket.grad = None
         self._next = 0
 
-    def _find_unused(self) -> list[tuple[Bucket, int]]:
-        """(bucket, slot) of the parameters that produced no gradient on any rank of their
-        group. First step only: it costs a tiny all-reduce per bucket and a host sync."""
+    def _find_unused(self) -> list[nn.Parameter]:
+        """Parameters that produced no gradient on any rank of their group. First step only: it
+        costs a tiny all-reduce per bucket and a host sync."""
         unused = []
         for bucket in self.buckets:
             seen = torch.tensor(bucket.seen, dtype=torch.float32, device=bucket.grad.device)
             dist.all_reduce(seen, group=bucket.group)
-            unused += [(bucket, slot) for slot, s in enumerate(seen.tolist()) if s == 0]
+            unused += [p for p, s in zip(bucket.params, seen.tolist()) if s == 0]
         if unused and self.zero:
-            shapes = [tuple(b.params[slot].shape) for b, slot in unused[:5]]
             raise ValueError(
-                f"{len(unused)} parameter(s) (shapes {shapes}) got no gradient on any rank; with "
-                "zero=1/2 they would be stepped with a zero gradient, unlike a serial run. Freeze "
-                "them (requires_grad_(False)) or use zero=0")
+                f"{len(unused)} parameter(s) (shapes {[tuple(p.shape) for p in unused[:5]]}) got no "
+                "gradient on any rank; with zero=1/2 they would be stepped with a zero gradient, "
+                "unlike a serial run. Freeze them (requires_grad_(False)) or use zero=0")
         return unused
 
     def after_step(self) -> None:
