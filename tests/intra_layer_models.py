@@ -91,3 +91,18 @@ def batch(name: str, n: int = 8, seq: int = 6):
     if name in ("mlp", "sequential"):
         return ids, torch.randint(0, V, (n, seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def chain_layers(name: str, model: nn.Module) -> None:
+    """The sharded layout where the model allows it: MLP up->down, Llama q/k/v->o and
+    gate/up->down (heads and GQA groups split evenly over y=2)."""
+    from autopar.intra_layer import chain
+
+    if name == "mlp":
+        chain([model.up], model.down)
+    elif name == "llama":
+        for block in model.model.layers:
+            chain([block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj], block.self_attn.o_proj)
+            chain([block.mlp.gate_proj, block.mlp.up_proj], block.mlp.down_proj)
+    else:
+        raise ValueError(f"no chain for {name}")

@@ -2,11 +2,13 @@
 
 ``layout`` defines which slice of each serial tensor a rank holds (``ShardSpec``), ``comm`` the
 collectives paired with their adjoints, ``layers`` the parallel ``Linear`` / ``Embedding`` /
-``Conv1D``, and ``auto`` the context manager that builds them inside unmodified models.
+``Conv1D``, and ``auto`` the context manager that builds them inside unmodified models, ``chain`` the sharded
+layout between consecutive layers.
 """
 from .auto import auto_parallelize, materialize, shard_layers
+from .chain import chain
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, gather_full, spec_of
 from .layout import ShardSpec
 
-__all__ = ["Embedding", "Linear", "ShardSpec", "ShardedModule", "auto_parallelize", "conv1d_class",
+__all__ = ["Embedding", "Linear", "ShardSpec", "ShardedModule", "auto_parallelize", "chain", "conv1d_class",
            "gather_full", "materialize", "shard_layers", "spec_of"]

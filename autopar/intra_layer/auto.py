@@ -123,7 +123,7 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
         for name, spec in plans[id(layer)].items():
             full = layer._parameters[name]
             if id(full) not in pieces:
-                pieces[id(full)] = make_local(full, spec, grid)
+                pieces[id(full)] = make_local(full, spec, grid, full.requires_grad)
             layer._parameters[name] = pieces[id(full)]
         bias = layer._parameters.get("bias")
         if plans[id(layer)] and bias is not None and sizes["y"] > 1:

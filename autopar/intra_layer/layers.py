@@ -52,8 +52,8 @@ def gather_full(param: Tensor, spec: ShardSpec, grid: Grid) -> Tensor:
     return spec.assemble(pieces.view(n, -1))
 
 
-def make_local(full: Tensor, spec: ShardSpec, grid: Grid) -> nn.Parameter:
-    local = nn.Parameter(spec.shard(full.detach(), grid.coords), requires_grad=full.requires_grad)
+def make_local(full: Tensor, spec: ShardSpec, grid: Grid, requires_grad: bool) -> nn.Parameter:
+    local = nn.Parameter(spec.shard(full.detach(), grid.coords), requires_grad=requires_grad)
     local._autopar_spec = spec
     set_shard_axes(local, spec.axes)
     set_grad_axes(local, ("dp",) if spec.depth else ("dp", "z"))
@@ -64,6 +64,9 @@ class ShardedModule(nn.Module):
     """Full-tensor views of a layer whose parameters may be sharded: ``autopar_full_state`` for
     ``autopar.full_state_dict``, ``load_state_dict`` of full (serial) tensors, and re-init
     (``reset_parameters``) that draws full-size tensors so the RNG stream matches serial."""
+
+    in_sharded = False   # input arrives as this rank's block of features (set by ``chain``)
+    out_sharded = False  # output leaves as this rank's block of features (set by ``chain``)
 
     def autopar_full_state(self) -> dict[str, Tensor]:
         grid = current_grid()
@@ -107,15 +110,25 @@ class ShardedModule(nn.Module):
                 local[n].copy_(spec.shard(full[n], coords))
 
 
-def linear_3d(inp: Tensor, weight: Tensor, bias: Tensor | None, spec: ShardSpec, transposed: bool) -> Tensor:
+def feature_axes(spec: ShardSpec, transposed: bool) -> tuple[str, str]:
+    """(axis cutting the output features, axis cutting the input features) of a weight."""
+    rows, cols = spec.dim_axes
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: bool) -> Tensor:
+    """The sharded forward for either weight orientation. ``layer.in_sharded``: ``inp`` is
+    already this rank's block of input features; ``layer.out_sharded``: return this rank's
+    block of output features (see ``chain``)."""
     grid = current_grid()
-    w = depth_gather(weight, grid, spec.block_shape)
-    h = drop_last(inp, grid, "x")
-    h = matmul(h, w, grid, "y", transposed)
-    h = all_reduce(h, grid, "x")
-    if bias is not None:
-        h = h + (slice_last(bias, grid, "y") if grid.size("y") > 1 else bias)
-    return gather_last(h, grid, "y")
+    out_axis, in_axis = feature_axes(spec, transposed)
+    w = depth_gather(layer.weight, grid, spec.block_shape)
+    h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
+    h = matmul(h, w, grid, out_axis, transposed)
+    h = all_reduce(h, grid, in_axis)
+    if layer.bias is not None:
+        h = h + (slice_last(layer.bias, grid, out_axis) if grid.size(out_axis) > 1 else layer.bias)
+    return h if layer.out_sharded else gather_last(h, grid, out_axis)
 
 
 class Linear(ShardedModule, nn.Linear):
@@ -126,7 +139,7 @@ class Linear(ShardedModule, nn.Linear):
         spec = spec_of(self.weight)
         if spec is None:
             return super().forward(input)
-        return linear_3d(input, self.weight, self.bias, spec, transposed=False)
+        return linear_3d(self, input, spec, transposed=False)
 
 
 class Embedding(ShardedModule, nn.Embedding):
@@ -174,7 +187,7 @@ def conv1d_class() -> type[nn.Module]:
             spec = spec_of(self.weight)
             if spec is None:
                 return super().forward(x)
-            return linear_3d(x, self.weight, self.bias, spec, transposed=True)
+            return linear_3d(self, x, spec, transposed=True)
 
     Conv1D.__module__ = __name__
     return Conv1D
