@@ -127,6 +127,25 @@ def test_dp_x_to_z_y(pool8, tmp_path):
     reshard(pool8.run, dict(dp=4, x=2), pool8.run, dict(dp=2, z=2, y=2), str(tmp_path / "ck"))
 
 
+def run_with_async_save(grid: dict, path: str) -> list[float]:
+    """Saves after step 2 in the background while step 3 runs; the checkpoint must hold the
+    state of step 2 (the snapshot), not whatever the weights are when the write happens."""
+    eng = engine(grid, seed=0)
+    losses = [eng.step(autopar.shard_batch(b)) for b in batches()[:SAVE_AT]]
+    pending = autopar.save_checkpoint(eng, path, extra={"next_batch": SAVE_AT}, async_save=True)
+    eng.step(autopar.shard_batch(batches()[SAVE_AT]))
+    pending.wait()
+    return losses
+
+
+def test_async_save_x_z_to_y(pool8, tmp_path):
+    path = str(tmp_path / "ck")
+    pool8.run(run_with_async_save, dict(dp=2, x=2, z=2), path)
+    losses, full, extra, steps = pool8.run(run, dict(dp=4, y=2), path, SAVE_AT, STEPS, True, False)[0]
+    assert extra == {"next_batch": SAVE_AT} and steps == STEPS
+    check_against_reference(losses, full)
+
+
 def test_zero_and_offload_to_tensor_parallel(pool8, tmp_path):
     """ZeRO shards of the optimizer state (flat ranges across tensors) and host-stepped master
     weights reshard like everything else."""
@@ -171,7 +190,7 @@ def test_hf_export_tensor_parallel(pool8, tmp_path):
 KILLED_SAVE = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    import autopar, autopar.checkpoint.sharded as sharded
+    import autopar, autopar.checkpoint.save as sharded
     import test_checkpoint as t
     eng = t.engine({{}}, seed=0)
     for b in t.batches()[:t.SAVE_AT]:

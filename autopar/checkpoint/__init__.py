@@ -7,8 +7,9 @@ stepper and buckets), so no parallel axis is imported here.
 from .full_state import full_state_dict
 from .hf import save_pretrained
 from .local import remember_aliases
-from .sharded import load_checkpoint, save_checkpoint
+from .load import load_checkpoint
+from .save import PendingSave, save_checkpoint
 from .storage import CheckpointError
 
-__all__ = ["CheckpointError", "full_state_dict", "load_checkpoint", "remember_aliases", "save_checkpoint",
+__all__ = ["CheckpointError", "PendingSave", "full_state_dict", "load_checkpoint", "remember_aliases", "save_checkpoint",
            "save_pretrained"]

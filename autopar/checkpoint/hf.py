@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from ..runtime.state import current_grid, is_initialized
 from .local import local_region, model_of, model_tensors, serial_names, writes
 from .regions import Region, fill, full_region, full_shape
-from .sharded import Ranks
+from .ranks import Ranks
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -82,6 +82,11 @@ def _intersect(a: Box, b: Box) -> Box | None:
     return out if all(s < e for s, e in out) else None
 
 
+def overlaps(target: Region, piece: Region) -> bool:
+    """Whether the boxes share elements (a cheap superset of what ``fill`` copies)."""
+    return not target.box or _intersect(target.box, piece.box) is not None
+
+
 def _flat_index(sub: Box, box: Box) -> torch.Tensor:
     """Row-major flat index inside ``box`` of every element of ``sub`` (shape of ``sub``)."""
     idx = torch.zeros((), dtype=torch.int64)

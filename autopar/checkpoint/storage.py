@@ -155,8 +155,12 @@ class PieceFiles:
         self._stack.close()
 
     def check(self, names: set[str]) -> None:
-        """Fail early, before any tensor is touched, on missing or truncated files."""
+        """Fail early, before any tensor is touched, on missing, truncated or unreadable files."""
         for name in sorted(names):
+            self._handle(name)
+
+    def _handle(self, name: str) -> Any:
+        if name not in self._open:
             path = os.path.join(self.root, name)
             if not os.path.exists(path):
                 raise CheckpointError(f"missing shard {path} (listed in {INDEX})")
@@ -164,11 +168,6 @@ class PieceFiles:
             if size != self.files[name]:
                 raise CheckpointError(f"partial or damaged shard {path}: {size} bytes, the index says "
                                       f"{self.files[name]}")
-            self._handle(name)
-
-    def _handle(self, name: str) -> Any:
-        if name not in self._open:
-            path = os.path.join(self.root, name)
             try:
                 self._open[name] = self._stack.enter_context(safe_open(path, framework="pt"))
             except (SafetensorError, OSError, ValueError) as e:

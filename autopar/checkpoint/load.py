@@ -1,0 +1,187 @@
+"""``load_checkpoint``: reshard on load, under any grid, reading only what this rank needs.
+
+Loading moves no tensor data between ranks: each rank works out the region of every tensor it
+holds under the *current* grid (``local``), intersects it with the stored pieces (``regions``)
+and reads just those ranges from the files. Problems are checked before anything is modified
+where they can be (completion marker, model names and shapes, presence and size of every file
+this rank needs, safetensors headers); checksums as the data is read. Errors are agreed on by
+all ranks, so a problem seen by one rank is raised on every rank.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Mapping
+
+import torch
+
+from .local import OptimizerParam, local_region, model_of, model_tensors, optimizer_params, serial_names
+from .ranks import Ranks
+from .regions import Region, fill, full_region, full_shape, overlaps
+from .save import wait_for_pending
+from .storage import CheckpointError, PieceFiles, load_object, read_index, resolve
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+"""param_group entries that pick *how* the optimizer runs on this machine, not what it computes:
+kept from the live optimizer rather than restored (a CPU-offloaded save may have fused=True)."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+
+
+class _Reader:
+    """Fills this rank's tensors from the stored pieces that overlap them."""
+
+    def __init__(self, root: str, index: dict[str, Any]) -> None:
+        self.index = index
+        self.files = PieceFiles(root, index["files"])
+
+    def pieces(self, key: str) -> list[tuple[dict[str, Any], Region]]:
+        return [(p, Region.from_json(p["region"])) for p in self.index["tensors"][key]["pieces"]]
+
+    def needed_files(self, targets: list[tuple[str, Region]]) -> set[str]:
+        return {p["file"] for key, region in targets for p, r in self.pieces(key)
+                if overlaps(region, r)}
+
+    def read(self, out: torch.Tensor, key: str, region: Region) -> None:
+        copied = 0
+        for p, r in self.pieces(key):
+            copied += fill(out, region, r, lambda a, b, p=p: self.files.read(p["file"], p["key"], p["crc"], a, b))
+        if copied != region.numel:
+            raise CheckpointError(f"incomplete checkpoint: {key} has {copied} of the {region.numel} elements "
+                                  "this rank needs")
+
+
+def _check_model(index: dict[str, Any], model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    stored = {k.removeprefix("model/") for k in index["tensors"] if k.startswith("model/")}
+    expected = set(serial_names(model))
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint is of another model: {len(missing)} tensor(s) missing "
+                              f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    for name, t in tensors.items():
+        shape = tuple(index["tensors"][f"model/{name}"]["shape"])
+        if shape != full_shape(t):
+            raise CheckpointError(f"the checkpoint is of another model: {name} has shape {list(shape)} "
+                                  f"there, {list(full_shape(t))} here")
+
+
+def _state_keys(index: dict[str, Any]) -> dict[str, list[str]]:
+    """Stored optimizer state per parameter name: ``{name: ["exp_avg", "step", ...]}``."""
+    by_name: dict[str, list[str]] = {}
+    for key in [*index["tensors"], *index["values"]]:
+        if key.startswith("optim/"):
+            name, state_key = key[len("optim/"):].rsplit("/", 1)
+            by_name.setdefault(name, []).append(state_key)
+    return by_name
+
+
+def _optimizer_targets(index: dict[str, Any], ops: list[OptimizerParam]) -> list[tuple[str, Region]]:
+    keys = _state_keys(index)
+    return [(f"optim/{seg.name}/{k}", seg.region) for op in ops for seg in op.segments
+            for k in keys.get(seg.name, []) if f"optim/{seg.name}/{k}" in index["tensors"]]
+
+
+def _optimizer_state(reader: _Reader, ops: list[OptimizerParam]) -> dict[int, dict[str, Any]]:
+    by_name = _state_keys(reader.index)
+    state = {}
+    for i, op in enumerate(ops):
+        entry: dict[str, Any] = {}
+        for state_key in by_name.get(op.segments[0].name, []) if op.segments else []:
+            key = f"optim/{op.segments[0].name}/{state_key}"
+            if key in reader.index["values"]:
+                entry[state_key] = reader.index["values"][key]
+                continue
+            meta = reader.index["tensors"][key]
+            if not meta["shape"]:
+                value = torch.zeros(1, dtype=_dtype(meta["dtype"]))
+                reader.read(value, key, full_region(()))
+                entry[state_key] = value.view(())
+                continue
+            flat = torch.zeros(op.param.numel(), dtype=_dtype(meta["dtype"]))
+            for seg in op.segments:
+                reader.read(flat[seg.start:seg.start + seg.region.numel], f"optim/{seg.name}/{state_key}", seg.region)
+            entry[state_key] = flat.view(op.param.shape)
+        if entry:
+            state[i] = entry
+    return state
+
+
+def _load_optimizer(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> None:
+    optimizer = engine.optimizer
+    saved = reader.index["param_groups"]
+    live = optimizer.state_dict()["param_groups"]
+    if saved is not None and len(saved) != len(live):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(saved)} parameter group(s), this one {len(live)}")
+    ops = optimizer_params(engine, coords)
+    state = _optimizer_state(reader, ops) if saved is not None else {}
+    groups = []
+    for now, then in zip(live, saved or live):
+        group = dict(now)
+        for k, v in then.items():
+            if k not in IMPLEMENTATION_KEYS and k != "params":
+                group[k] = tuple(v) if isinstance(now.get(k), tuple) else v
+        groups.append(group)
+    # Hooks of offload steppers run here: state goes back to the host, master weights are re-read.
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint saved under any grid into ``engine`` (or a plain ``nn.Module``) on the
+    current grid; returns the ``extra`` dict it was saved with. Collective: call on every rank.
+    Each rank reads only the stored ranges that overlap what it holds. With pp > 1 before the
+    first step the optimizer does not exist yet: its state is read when the first step builds it,
+    so leave the checkpoint in place until then."""
+    wait_for_pending(engine)
+    ranks, path = Ranks(), os.fspath(path)
+    model = model_of(engine)
+    error, extra = None, {}
+    try:
+        root = resolve(path)
+        index = read_index(root)
+        tensors = model_tensors(model)
+        _check_model(index, model, tensors)
+        reader = _Reader(root, index)
+        regions = {name: local_region(t, ranks.coords) for name, t in tensors.items()}
+        optimizer = getattr(engine, "optimizer", None)
+        targets = [(f"model/{n}", r) for n, r in regions.items()]
+        if optimizer is not None:
+            targets += _optimizer_targets(index, optimizer_params(engine, ranks.coords))
+        with reader.files, torch.no_grad():
+            reader.files.check(reader.needed_files(targets))
+            for name, t in tensors.items():
+                out = torch.zeros(t.numel(), dtype=t.dtype)
+                reader.read(out, f"model/{name}", regions[name])
+                t.copy_(out.view(t.shape))
+            if optimizer is not None:
+                _load_optimizer(engine, reader, ranks.coords)
+        if optimizer is None and hasattr(engine, "optimizer"):
+            engine.on_optimizer.append(lambda: _load_optimizer_from(engine, _Reader(root, index), ranks.coords))
+        if hasattr(engine, "step_count"):
+            engine.step_count = index["step"]
+        same_grid = index["grid"] == ranks.sizes
+        _set_rng_state(load_object(os.path.join(root, f"rng-{ranks.rank if same_grid else 0:05d}.pt")))
+        extra = load_object(os.path.join(root, "extra.pt"))
+    except Exception as e:  # noqa: BLE001 - agreed on below
+        error = e
+    ranks.agree(error)
+    return extra
+
+
+def _load_optimizer_from(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> None:
+    """Deferred optimizer load of a pipeline engine, run by its first step (``on_optimizer``)."""
+    with reader.files, torch.no_grad():
+        _load_optimizer(engine, reader, coords)
