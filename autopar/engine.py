@@ -11,14 +11,15 @@ The order of one step, and why:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import remember_aliases
-from .data_parallel import GradBuckets
+from .data_parallel import GradBuckets, check_options
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
@@ -73,6 +74,7 @@ class Engine:
         self.bucket_mb = bucket_mb
         self.zero = zero
         self.dp: GradBuckets | None = None
+        self._accumulated = 0  # step calls made inside no_sync() since the last optimizer step
         if self.grid.sizes["pp"] > 1:
             # The split needs one traced forward, so the stage's parameters (and the optimizer
             # over them) only exist after the first step.
@@ -127,13 +129,28 @@ class Engine:
             total += loss.detach().float()
         return total
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation across ``step`` calls: inside, ``step`` runs forward and backward
+        only, keeps the gradients and returns its batch's global mean loss. The first ``step``
+        after the block reduces and applies the mean gradient of all k calls: one serial step on
+        their batches put together (equal batch sizes)."""
+        if self.pipeline is not None:
+            raise NotImplementedError("no_sync() with pp > 1: use num_microbatches to accumulate inside one step")
+        with self.dp.no_sync():
+            yield
+
     def step(self, batch: Any) -> float:
         """One training step on this rank's share of the global batch (``autopar.shard_batch``).
         Returns the global mean loss, identical on every rank."""
         self.model.train()
         with self.activation_meter:  # measures the first step only (memory_report)
             total = self.forward_backward(batch)
-        self.dp.finish()
+        if self.dp.accumulating:
+            self._accumulated += 1
+            return self._global_loss(total)
+        self.dp.finish(mean_of=self._accumulated + 1)
+        self._accumulated = 0
         if self.pipeline is not None:
             self.pipeline.sync_tied_grads()
         if self.clip_grad_norm is not None:
@@ -142,6 +159,10 @@ class Engine:
         self.dp.after_step()
         self.step_count += 1
         self.activation_meter.enabled = False
+        return self._global_loss(total)
+
+    def _global_loss(self, total: torch.Tensor) -> float:
+        """The global mean loss from this rank's sum of microbatch losses, the same on every rank."""
         total *= self._loss_scale
         if self.grid.size("pp", "dp", "z") > 1:  # only the last stage's total is non-zero
             dist.all_reduce(total, group=self.grid.group("pp", "dp", "z"))
@@ -183,6 +204,7 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
         raise NotImplementedError("offload='params' (z-shards on the host until their all-gather) is not implemented yet")
     if clip_grad_norm is not None and clip_grad_norm <= 0:
         raise ValueError(f"clip_grad_norm must be positive, got {clip_grad_norm}")
+    check_options(bucket_mb, zero)
     return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
                   offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
                   virtual_stages=virtual_stages, split_points=split_points,

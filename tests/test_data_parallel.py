@@ -100,6 +100,43 @@ def test_buckets_and_zero_equal_serial(pool4, grid_kwargs):
     assert all(r == per_rank[0] for r in per_rank), "losses must be identical on every rank"
 
 
+def check_accumulation_across_steps(grid_kwargs):
+    """k step calls, all but the last inside no_sync(), equal one serial step on the k batches
+    put together; nothing is reduced and no weight moves while accumulating."""
+    autopar.init(**grid_kwargs)
+    batches = _batches(6, n=8)
+    merged = [tuple(torch.cat(parts) for parts in zip(*batches[i:i + 3])) for i in (0, 3)]
+    torch.manual_seed(0)
+    model = MLP()
+    opt = _adamw(model.parameters())
+    ref_losses = []
+    for x, y in merged:
+        loss = _mse(model(x), (x, y))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
+    for zero in (0, 2):
+        torch.manual_seed(0)
+        engine = autopar.parallelize(MLP(), optimizer=_adamw, num_microbatches=2, loss_fn=_mse, clip_grad_norm=0.05,
+                                     bucket_mb=TINY_BUCKET_MB, zero=zero)
+        losses = []
+        for i in (0, 3):
+            before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+            with engine.no_sync():
+                parts = [engine.step(autopar.shard_batch(b)) for b in batches[i:i + 2]]
+            assert all(torch.equal(v, before[k]) for k, v in engine.model.state_dict().items())
+            parts.append(engine.step(autopar.shard_batch(batches[i + 2])))
+            losses.append(sum(parts) / 3)
+        _assert_equals_serial(engine, losses, ref_losses, model.state_dict())
+
+
+@pytest.mark.parametrize("grid_kwargs", [dict(dp=4), dict(dp=2, z=2)], ids=["dp4", "dp2xz2"])
+def test_accumulation_across_steps_equals_large_batch(pool4, grid_kwargs):
+    pool4.run(check_accumulation_across_steps, grid_kwargs)
+
+
 def check_overlap(microbatches):
     """Record the order of collectives and of the input layer's gradient (one of the last that
     backward produces): a bucket must be launched before it, and only in the last microbatch."""
@@ -244,6 +281,8 @@ def check_rejects_non_elementwise():
         autopar.parallelize(MLP(), optimizer=lambda p: torch.optim.Adafactor(p), loss_fn=_mse, zero=1)
     with pytest.raises(ValueError, match="zero must be one of"):
         autopar.parallelize(MLP(), optimizer=_adamw, loss_fn=_mse, zero=3)
+    with pytest.raises(ValueError, match="bucket_mb must be a positive"):
+        autopar.parallelize(MLP(), optimizer=_adamw, loss_fn=_mse, bucket_mb=0)
 
 
 def test_zero_rejects_non_elementwise_optimizer(pool4):

@@ -51,6 +51,13 @@ from .zero import check_elementwise, gather_params, shard_buckets
 ZERO_STAGES = (0, 1, 2)
 
 
+def check_options(bucket_mb: float, zero: int) -> None:
+    if zero not in ZERO_STAGES or isinstance(zero, bool):
+        raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
+
+
 @dataclass(eq=False)
 class Bucket:
     """One flat gradient buffer over a run of parameters that share a process group.
@@ -145,10 +152,7 @@ class GradBuckets:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], grid: Grid, *, bucket_mb: float, zero: int) -> None:
-        if zero not in ZERO_STAGES:
-            raise ValueError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be positive, got {bucket_mb!r}")
+        check_options(bucket_mb, zero)
         self.grid = grid
         self.zero = zero
         self.params = list(params)
@@ -229,6 +233,11 @@ class GradBuckets:
             check_elementwise(optimizer)
 
     # --- accumulation ------------------------------------------------------------------------
+    @property
+    def accumulating(self) -> bool:
+        """Inside ``no_sync()``."""
+        return self._no_sync_depth > 0
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally and launch no collective."""
@@ -265,10 +274,11 @@ class GradBuckets:
         self._next += 1
 
     # --- end of step ---------------------------------------------------------------------------
-    def finish(self) -> None:
+    def finish(self, mean_of: int = 1) -> None:
         """Launch the buckets backward did not complete (unused parameters, or no syncing
         backward at all), then wait once for every reduction. Afterwards each ``.grad`` (or ZeRO
-        shard gradient) holds the serial gradient."""
+        shard gradient) holds the serial gradient; ``mean_of=k`` divides it by k, for gradients
+        summed over k steps' backward passes (accumulation across ``step`` calls)."""
         if self._no_sync_depth:
             raise RuntimeError("finish() inside no_sync(): leave no_sync before the step that syncs")
         while self._next < len(self.buckets):
@@ -276,6 +286,9 @@ class GradBuckets:
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.handle = None
+        if mean_of != 1:
+            reduced = [b.shard_grad if self.zero == 2 else b.grad for b in self.buckets]
+            torch._foreach_mul_(reduced + [p.grad for p in self.local_params if p.grad is not None], 1.0 / mean_of)
         if self._unused is None:
             self._unused = self._find_unused()
         for p in self._unused:
