@@ -5,9 +5,10 @@
 Spawns ``--ranks`` gloo processes on this machine and prints three tables (rank 0):
 
 1. bytes each rank sends per training step inside the layers (counted by wrapping the
-   collectives, ``intra_layer.comm.COUNTER``) next to the analytic volume of the 3D parallel
-   matmul with sharded activations for the same grid: the ratio is the cost of giving every
-   layer ordinary full-feature inputs and outputs (the extra all-gathers);
+   collectives, ``intra_layer.comm.COUNTER``), in the default full-feature layout and in the
+   sharded layout (``chain``), next to the analytic volume of the 3D parallel matmul with
+   sharded activations for the same grid: the ratios are the cost of the re-layouts and what
+   chaining saves;
 2. the time of one training step against PyTorch's own tensor parallelism (DTensor
    ``ColwiseParallel``/``RowwiseParallel`` via ``parallelize_module``) on the same ranks, model
    and global batch;
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autopar
+from autopar.intra_layer import chain
 from autopar.intra_layer.comm import COUNTER
 
 
@@ -79,12 +81,21 @@ def _timed_steps(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_autopar(grid: tuple[int, int, int], args, data: torch.Tensor) -> dict:
+def chain_blocks(model: nn.Module) -> None:
+    """The sharded layout: q/k/v hand their head blocks to o, up its block to down."""
+    for block in model:
+        chain([block.q, block.k, block.v], block.o)
+        chain([block.up], block.down)
+
+
+def run_autopar(grid: tuple[int, int, int], chained: bool, args, data: torch.Tensor) -> dict:
     x, y, z = grid
     autopar.init(x=x, y=y, z=z)
     torch.manual_seed(0)
     with autopar.auto_parallelize():
         model = build(args.hidden)
+    if chained:
+        chain_blocks(model)
     engine = autopar.parallelize(model, lambda p: torch.optim.AdamW(p, lr=1e-3),
                                  loss_fn=lambda out, batch: out.square().mean())
     local = autopar.shard_batch(data)
@@ -132,26 +143,31 @@ def worker(rank: int, world: int, port: int, args) -> None:
     data = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(0))
     grids = [g for g in [(world, 1, 1), (1, world, 1), (1, 1, world), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
              if g[0] * g[1] * g[2] == world]
-    results = {g: run_autopar(g, args, data) for g in grids}
+    results = {(g, chained): run_autopar(g, chained, args, data) for g in grids for chained in (False, True)}
     dtensor = run_dtensor(args, data)
     serial_params = sum(p.numel() * 4 for p in build(args.hidden).parameters())
     if rank == 0:
         print(f"\nmodel: 2 pre-norm blocks, hidden {args.hidden}, global batch {args.batch}x{args.seq} tokens, "
               f"{world} gloo ranks on CPU, fp32\n")
-        print("1. intra-layer communication per rank per step (default full-feature layout)")
-        print(f"{'grid (x,y,z)':>14} {'measured MB':>12} {'analytic 3D MB':>15} {'ratio':>7}")
-        for g, r in results.items():
-            print(f"{str(g):>14} {r['measured'] / 1e6:12.3f} {r['analytic'] / 1e6:15.3f} "
-                  f"{r['measured'] / max(r['analytic'], 1):7.2f}")
+        print("1. intra-layer communication per rank per step (MB): default full-feature layout, sharded")
+        print("   layout (q/k/v->o, up->down chained), analytic 3D matmul with sharded activations")
+        print(f"{'grid (x,y,z)':>14} {'default':>9} {'sharded':>9} {'analytic':>9} {'default/an':>11} {'sharded/an':>11}")
+        for g in grids:
+            d, c = results[g, False], results[g, True]
+            an = max(d['analytic'], 1)
+            print(f"{str(g):>14} {d['measured'] / 1e6:9.3f} {c['measured'] / 1e6:9.3f} {an / 1e6:9.3f} "
+                  f"{d['measured'] / an:11.2f} {c['measured'] / an:11.2f}")
         print(f"\n2. step time (AdamW, {args.steps} steps after 2 warm-up)")
-        print(f"{'run':>24} {'ms/step':>9} {'vs DTensor':>11}")
-        print(f"{'DTensor col/row TP=' + str(world):>24} {dtensor * 1e3:9.1f} {1.0:11.2f}")
-        for g, r in results.items():
-            print(f"{'autopar ' + str(g):>24} {r['seconds'] * 1e3:9.1f} {r['seconds'] / dtensor:11.2f}")
+        print(f"{'run':>32} {'ms/step':>9} {'vs DTensor':>11}")
+        print(f"{'DTensor col/row TP=' + str(world):>32} {dtensor * 1e3:9.1f} {1.0:11.2f}")
+        for (g, chained), r in results.items():
+            name = f"autopar {g} {'sharded' if chained else 'default'}"
+            print(f"{name:>32} {r['seconds'] * 1e3:9.1f} {r['seconds'] / dtensor:11.2f}")
         print("\n3. bytes per rank (params = grads; AdamW state = exp_avg + exp_avg_sq)")
         ideal = serial_params / world
         print(f"{'grid (x,y,z)':>14} {'params MB':>10} {'grads MB':>9} {'AdamW MB':>9} {'ideal MB':>9} {'x ideal':>8}")
-        for g, r in results.items():
+        for g in grids:
+            r = results[g, False]
             print(f"{str(g):>14} {r['params'] / 1e6:10.3f} {r['params'] / 1e6:9.3f} {r['state'] / 1e6:9.3f} "
                   f"{ideal / 1e6:9.3f} {r['params'] / ideal:8.3f}")
         print(f"(serial model: {serial_params / 1e6:.3f} MB of parameters)")

@@ -11,7 +11,8 @@ features are cut over y and its output features over x, so its weight ``out x in
 and its input gradient is all-reduced over x, which is exactly what the producers need.
 
 Per pair this saves the forward all-gather over y and the backward all-gather over x of one
-activation. ``chain`` must be called after ``auto_parallelize`` and before ``autopar.parallelize``
+activation. When y has size 1 the hand-off goes along x instead and it is the producers that
+swap roles (Megatron's column-parallel layer feeding a row-parallel one). ``chain`` must be called after ``auto_parallelize`` and before ``autopar.parallelize``
 (it replaces the consumer's weight tensor).
 """
 from __future__ import annotations
@@ -26,30 +27,44 @@ from .layers import Embedding, Linear, ShardedModule, feature_axes, gather_full,
 from .layout import ShardSpec, divisible
 
 
+def _orient(layer: ShardedModule, out_axis: str) -> None:
+    """Re-lay ``layer``'s weight so its output features are cut over ``out_axis``."""
+    spec = spec_of(layer.weight)
+    if feature_axes(spec, not isinstance(layer, Linear))[0] == out_axis:
+        return
+    if layer.in_sharded or layer.out_sharded:
+        raise ValueError(f"{layer!r} is already in a chain with the other orientation; a layer can be "
+                         "a consumer and a producer only when one of x, y has size 1")
+    swapped = ShardSpec(spec.full_shape, spec.dim_axes[::-1], spec.depth, spec.sizes)
+    if not divisible(swapped.full_shape, swapped.dim_axes, spec.axis_sizes):
+        raise ValueError(f"{layer!r}: weight {spec.full_shape} does not divide over {swapped.dim_axes} "
+                         "in the swapped layout; leave this pair unchained")
+    grid = current_grid()
+    layer._parameters["weight"] = make_local(gather_full(layer.weight, spec, grid), swapped, grid,
+                                             layer.weight.requires_grad)
+    if layer.bias is not None:
+        set_grad_axes(layer.bias, ("dp", "z", out_axis) if grid.size(out_axis) > 1 else ("dp", "z"))
+
+
 def chain(producers: Sequence[nn.Module], consumer: nn.Module) -> None:
     """Let ``producers`` pass their output feature blocks straight to ``consumer``.
 
-    The caller guarantees that everything between them is per-feature; every rank must make the
-    same call (the consumer's weight is re-laid out collectively)."""
+    The blocks are handed over along y, or along x when y has size 1 (then the producers are the
+    ones re-laid out: Megatron's column- then row-parallel pair). The caller guarantees that
+    everything between them is per-feature; every rank must make the same call (weights are
+    re-laid out collectively)."""
     grid = current_grid()
     for layer in (*producers, consumer):
         if not isinstance(layer, ShardedModule) or isinstance(layer, Embedding) or spec_of(layer.weight) is None:
             raise ValueError(f"chain needs sharded Linear/Conv1D layers built under auto_parallelize; "
                              f"{layer!r} is not one (replicated or another type)")
-    for layer in producers:
-        if feature_axes(spec_of(layer.weight), not isinstance(layer, Linear))[0] != "y":
-            raise ValueError(f"{layer!r} already feeds a chain in the swapped layout; chain it only once")
     if consumer.in_sharded:
         raise ValueError(f"{consumer!r} is already the consumer of a chain")
-    spec = spec_of(consumer.weight)
-    swapped = ShardSpec(spec.full_shape, spec.dim_axes[::-1], spec.depth, spec.sizes)
-    if not divisible(swapped.full_shape, swapped.dim_axes, spec.axis_sizes):
-        raise ValueError(f"{consumer!r}: weight {spec.full_shape} does not divide over {swapped.dim_axes} "
-                         "in the swapped layout; leave this pair unchained")
-    consumer._parameters["weight"] = make_local(gather_full(consumer.weight, spec, grid), swapped, grid,
-                                                consumer.weight.requires_grad)
+    handoff = "y" if grid.size("y") > 1 else "x"
+    other = "x" if handoff == "y" else "y"
+    for layer in producers:
+        _orient(layer, handoff)
+    _orient(consumer, other)
     consumer.in_sharded = True
-    if consumer.bias is not None:
-        set_grad_axes(consumer.bias, ("dp", "z", "x") if grid.size("x") > 1 else ("dp", "z"))
     for layer in producers:
         layer.out_sharded = True
