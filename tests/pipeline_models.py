@@ -52,6 +52,12 @@ def build(name: str, layers: int = 4) -> nn.Module:
         return transformers.ViTForImageClassification(transformers.ViTConfig(
             image_size=8, patch_size=4, num_channels=3, num_labels=5, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, **common))
+    if name == "whisper":  # encoder-decoder: both stacks are split, the encoder output crosses
+        return transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+            vocab_size=VOCAB, d_model=16, encoder_layers=layers // 2, decoder_layers=layers // 2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+            num_mel_bins=8, max_source_positions=SEQ, max_target_positions=SEQ, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, dropout=0.0))
     if name == "skip":
         return LongSkip(layers)
     raise ValueError(name)
@@ -63,5 +69,8 @@ def batch(name: str, n: int, seed: int = 1) -> dict:
         return {"pixel_values": torch.randn(n, 3, 8, 8, generator=g), "labels": torch.randint(0, 5, (n,), generator=g)}
     if name == "skip":
         return {"x": torch.randn(n, 6, generator=g), "y": torch.randn(n, 3, generator=g)}
+    if name == "whisper":
+        return {"input_features": torch.randn(n, 8, 2 * SEQ, generator=g),
+                "labels": torch.randint(3, VOCAB, (n, SEQ // 2), generator=g)}
     ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -49,19 +49,27 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_blocks(model: nn.Module) -> str:
-    """Name of the container of repeated blocks: the ``ModuleList``/``Sequential`` with the most
-    parameters ('' for the root itself)."""
-    best, best_params = None, -1
+def _repeated(module: nn.Module) -> bool:
+    kinds = {type(m) for m in module.children()}
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) and len(kinds) == 1 and _params(module) > 0
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the containers of repeated blocks ('' for the root itself): every outermost
+    ``ModuleList``/``Sequential`` of same-type modules with parameters, so an encoder-decoder
+    splits over both stacks. Without one, the container holding most parameters."""
+    found: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
-            n = _params(module)
-            if n > best_params:
-                best, best_params = name, n
-    if best is None:
+        if _repeated(module) and not any(name.startswith(f"{f}.") or f == "" for f in found):
+            found.append(name)
+    if found:
+        return found
+    containers = [(_params(m), n) for n, m in model.named_modules()
+                  if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+    if not containers:
         raise UntraceableModel(f"{type(model).__name__} has no nn.ModuleList / nn.Sequential of "
                                f"repeated layers to split between stages; {_fix_hint()}")
-    return best
+    return [max(containers)[1]]
 
 
 @dataclass
@@ -88,7 +96,7 @@ def find_units(model: nn.Module, split_points: Sequence[str] | None) -> Units:
         expanded = {a for s in split_points for a in _ancestors(s)[:-1]}
     else:
         blocks = find_blocks(model)
-        expanded = set(_ancestors(blocks))
+        expanded = {a for b in blocks for a in _ancestors(b)}
     for name in sorted(expanded):
         own = [n for n, p in modules[name]._parameters.items() if p is not None]
         if own:
@@ -108,7 +116,7 @@ def find_units(model: nn.Module, split_points: Sequence[str] | None) -> Units:
             else:
                 names.append(full)
                 units.append(child)
-    layers = len(split_points) + 1 if split_points is not None else len(modules[blocks])
+    layers = len(split_points) + 1 if split_points is not None else sum(len(modules[b]) for b in blocks)
     return Units(names, units, layers)
 
 
