@@ -4,7 +4,8 @@ The order of one step, and why:
 1. slice the rank's batch into microbatches (gradient accumulation inside one call);
 2. forward + backward each, with the loss pre-scaled by 1/(M * dp * z) so every gradient sync
    afterwards is a plain sum (see ``runtime.params``);
-3. sum gradients over the axes each parameter is replicated on (``data_parallel``);
+3. sum gradients over the axes each parameter is replicated on (``data_parallel``: buckets
+   reduced from backward hooks, so most of it overlaps step 2);
 4. clip against the global norm of the serial model;
 5. optimizer step, zero gradients;
 6. return the global mean loss, the same float on every rank.
