@@ -176,7 +176,9 @@ def check_hf_export(folder: str, full: dict[str, torch.Tensor]) -> None:
     assert sum(f.endswith(".safetensors") for f in files) > 1  # max_shard_size forced several files
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
     state = loaded.state_dict()
-    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    tied = loaded.config.tie_word_embeddings
+    assert (loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()) == tied
+    assert set(state) == set(full)
     for name, ref in full.items():
         assert torch.equal(state[name], ref), name
 
@@ -184,6 +186,23 @@ def check_hf_export(folder: str, full: dict[str, torch.Tensor]) -> None:
 def test_hf_export_tensor_parallel(pool8, tmp_path):
     results = pool8.run(run, dict(x=2, y=2, z=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
     check_hf_export(str(tmp_path / "hf"), results[0][1])
+
+
+def export_llama(path: str):
+    autopar.init(x=2, y=2, z=2)
+    torch.manual_seed(0)
+    with autopar.auto_parallelize():
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=False))
+    eng = autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps))
+    autopar.save_pretrained(eng, path, max_shard_size="20KB")
+    full = autopar.full_state_dict(eng)
+    return full if autopar.current_grid().rank == 0 else None
+
+
+def test_hf_export_untied_llama(pool8, tmp_path):
+    check_hf_export(str(tmp_path / "hf"), pool8.run(export_llama, str(tmp_path / "hf"))[0])
 
 
 # --- atomicity: a save killed midway ---------------------------------------------------------------
@@ -222,18 +241,18 @@ def test_kill_during_save_then_resume(tmp_path):
 
 
 # --- bad input ---------------------------------------------------------------------------------------
-def _save_tiny(path: str, layers: int = 4) -> None:
+def _save_tiny(path: str) -> None:
     autopar.init()
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=64, n_positions=8, n_embd=16, n_layer=layers, n_head=2))
+        vocab_size=64, n_positions=8, n_embd=16, n_layer=4, n_head=2))
     autopar.save_checkpoint(autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps)), path)
 
 
-def _load_error(path: str, layers: int = 4) -> str:
+def _load_error(path: str, layers: int = 4, width: int = 16) -> str:
     if not autopar.runtime.is_initialized():
         autopar.init()
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=64, n_positions=8, n_embd=16, n_layer=layers, n_head=2))
+        vocab_size=64, n_positions=8, n_embd=width, n_layer=layers, n_head=2))
     with pytest.raises(autopar.CheckpointError) as info:
         autopar.load_checkpoint(autopar.parallelize(model, lambda ps: torch.optim.AdamW(ps)), path)
     return str(info.value)
@@ -251,7 +270,9 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     good = str(tmp_path / "good")
     in_process(_save_tiny, good)
     shard = os.path.join(good, "rank-00000.safetensors")
-    assert "another model" in in_process(_load_error, good, 2)
+    assert "another model: 24 tensor(s) missing" in in_process(_load_error, good, 6)
+    assert "another model: transformer.wte.weight has shape [64, 16] there, [64, 32] here" \
+        in in_process(_load_error, good, 4, 32)
     assert "no checkpoint" in in_process(_load_error, str(tmp_path / "nothing"))
     cases = {"missing shard": lambda p: os.remove(p),
              "partial": lambda p: os.truncate(p, os.path.getsize(p) // 2),
