@@ -163,11 +163,9 @@ def test_zero_bubble_split_equals_full_backward(net):
 # -- pp = 2 -----------------------------------------------------------------------------------
 
 def test_pp2_every_model_every_schedule(pool2):
+    # whisper: encoder-decoder, both stacks split; the encoder output crosses every boundary.
     cases = [((name, schedule, 2, 4), {"v": _v(schedule)})
-             for name in ("gpt2", "llama", "opt", "bert", "vit", "skip") for schedule in SCHEDULES]
-    # Whisper (encoder-decoder, both stacks split) with SGD: a few of its conv weights get
-    # gradients near Adam's eps, where fp32 summation order shows up as 1e-5 weight changes.
-    cases += [(("whisper", schedule, 2, 4), {"v": _v(schedule), "opt": "sgd"}) for schedule in SCHEDULES]
+             for name in ("gpt2", "llama", "opt", "bert", "vit", "whisper", "skip") for schedule in SCHEDULES]
     pool2.run(run_cases, cases)
 
 
