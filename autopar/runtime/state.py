@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .grid import Grid, build_groups, resolve_sizes
+from .grid import AXES, Grid, build_groups, resolve_sizes
 from .launcher import detect_launch, resolve_rendezvous
 
 log = logging.getLogger("autopar")
@@ -30,8 +30,43 @@ DEFAULT_TIMEOUT_S = 180.0
 """Short enough that a dead rank ends the job within minutes; long enough for a slow first step.
 Override with ``init(timeout=...)`` or ``AUTOPAR_TIMEOUT`` (seconds)."""
 
+GRID_ENV = "AUTOPAR_GRID"
+"""Grid sizes for a script that calls ``autopar.init()`` without grid arguments, e.g.
+``AUTOPAR_GRID=pp=2,x=2``. ``autopar run --grid`` sets it, so the grid is a launch option rather
+than a code change."""
+
 _grid: Grid | None = None
 _owns_world = False
+
+
+def parse_grid(text: str) -> dict[str, int]:
+    """``"pp=2,x=2"`` -> ``{"pp": 2, "x": 2}``. Empty text is the empty grid; anything that is not
+    ``axis=positive integer`` with a known, unrepeated axis raises ``ValueError``."""
+    sizes: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        axis, eq, size = (s.strip() for s in item.partition("="))
+        if axis not in AXES or not eq or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"bad grid entry {item!r} in {text!r}: use axis=size pairs such as "
+                             f"'pp=2,dp=2,x=2' with axes from {AXES} and positive sizes")
+        if axis in sizes:
+            raise ValueError(f"grid axis {axis!r} is given twice in {text!r}")
+        sizes[axis] = int(size)
+    return sizes
+
+
+def _requested_grid(explicit: dict[str, int | None]) -> dict[str, int | None]:
+    """The grid arguments for ``init``: the explicit ones if the caller gave any (the script owns
+    its grid then), else ``AUTOPAR_GRID``; unset axes are 1 and ``dp`` is inferred."""
+    given = {a: n for a, n in explicit.items() if n is not None}
+    env = os.environ.get(GRID_ENV, "")
+    try:
+        from_env = parse_grid(env)
+    except ValueError as e:
+        raise ValueError(f"{GRID_ENV}: {e}") from None
+    if given and from_env and from_env != given:
+        log.warning("init(%s) overrides %s=%s", ", ".join(f"{a}={n}" for a, n in given.items()), GRID_ENV, env)
+    chosen = given or from_env
+    return {"pp": 1, "x": 1, "y": 1, "z": 1, "dp": None, **chosen}
 
 
 def current_grid() -> Grid:
@@ -66,7 +101,8 @@ def _timeout(timeout: float | timedelta | None) -> timedelta:
     return timedelta(seconds=timeout)
 
 
-def init(pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1, z: int = 1, *,
+def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: int | None = None,
+         z: int | None = None, *,
          backend: str | None = None, device: str | torch.device | None = None,
          timeout: float | timedelta | None = None, seed: int = 0) -> Grid:
     """Start (or join) the distributed world and lay the grid over it.
@@ -74,21 +110,25 @@ def init(pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1, z: int = 1,
     ``dp`` is inferred as world / (pp*x*y*z) when left out. ``backend`` defaults to NCCL where
     CUDA is available and gloo otherwise; ``device`` to ``cuda:LOCAL_RANK`` or ``cpu``.
     ``timeout`` (seconds) bounds every collective, so a dead rank ends the job instead of hanging it.
+    Grid axes left out are 1. When no grid argument is given at all, the sizes come from the
+    ``AUTOPAR_GRID`` environment variable (``"pp=2,x=2"``, set by ``autopar run --grid``) if set;
+    explicit arguments always win over it.
     """
     global _grid, _owns_world
     if _grid is not None:
         raise RuntimeError("autopar.init() was already called in this process; "
                            "call autopar.destroy() before initialising again")
     td = _timeout(timeout)
+    requested = _requested_grid(dict(pp=pp, dp=dp, x=x, y=y, z=z))
     if dist.is_initialized():
         launcher, rank, world, local_rank = "existing", dist.get_rank(), dist.get_world_size(), \
             int(os.environ.get("LOCAL_RANK", "0"))
-        sizes = resolve_sizes(world, pp, dp, x, y, z)
+        sizes = resolve_sizes(world, **requested)
         backend = dist.get_backend()
     else:
         launch = detect_launch()
         # Check the grid before any rendezvous: a bad grid must fail on every rank, not hang.
-        sizes = resolve_sizes(launch.world_size, pp, dp, x, y, z)
+        sizes = resolve_sizes(launch.world_size, **requested)
         launch = resolve_rendezvous(launch)
         launcher, rank, world, local_rank = launch.launcher, launch.rank, launch.world_size, \
             launch.local_rank

@@ -1,0 +1,91 @@
+"""The ``autopar`` console script: ``run`` a script on N ranks, ``check`` the grid against serial
+training, ``plan`` memory and communication for a model and world size.
+
+    autopar run -n 8 --grid pp=2,x=2 train.py --steps 100
+    autopar check --model llama --grid x=2,y=2,z=2
+    autopar plan --model gpt2 --world 8
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+
+from ..runtime.state import parse_grid
+from . import check, plan
+from .launch import LAUNCHERS, Job, launch
+
+
+def _grid(text: str) -> dict[str, int]:
+    try:
+        return parse_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_launch_arguments(p: argparse.ArgumentParser, nprocs_required: bool) -> None:
+    p.add_argument("-n", "--nprocs", type=int, required=nprocs_required, default=None,
+                   help="ranks in all" + ("" if nprocs_required else " (default: the grid's product)"))
+    p.add_argument("--nodes", type=int, default=1, help="nodes the ranks spread over (evenly)")
+    p.add_argument("--grid", type=_grid, default={}, help="e.g. pp=2,dp=2,x=2; passed to autopar.init() "
+                   "as AUTOPAR_GRID; dp is inferred when left out")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                   help="auto: srun inside a Slurm allocation, local processes on one node, torchrun on several")
+    p.add_argument("--launcher-args", type=shlex.split, default=[],
+                   help="extra flags for the launcher, one quoted string, e.g. '--overcommit'")
+    p.add_argument("--master-addr", default=None, help="torchrun on several nodes: the rendezvous host")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--dry-run", action="store_true", help="print the launch command, start nothing")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autopar", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start a Python script on N ranks with the right launcher")
+    _add_launch_arguments(run, nprocs_required=True)
+    run.add_argument("script", help="the script, or -m module")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    chk = sub.add_parser("check", help="train a tiny model on the grid and serially; print the errors")
+    _add_launch_arguments(chk, nprocs_required=False)
+    check.add_arguments(chk)
+    pln = sub.add_parser("plan", help="predicted memory and communication per rank (shape only)")
+    plan.add_arguments(pln)
+    pln.add_argument("--grid", type=_grid, default={}, help="one grid, e.g. pp=2,x=2 (default: rank them all)")
+    return p
+
+
+def _job(args: argparse.Namespace, script: list[str]) -> Job:
+    nprocs = args.nprocs or math.prod(args.grid.values())
+    return Job(nprocs=nprocs, script=script, grid=args.grid, nodes=args.nodes, launcher=args.launcher,
+               launcher_args=args.launcher_args, master_addr=args.master_addr, master_port=args.master_port)
+
+
+def _check_argv(args: argparse.Namespace) -> list[str]:
+    """The check's own options, forwarded to every rank's ``python -m autopar.cli.check``."""
+    argv = ["--factory", args.factory] if args.factory else ["--model", args.model]
+    for flag in ("steps", "global_batch", "microbatches", "lr", "seed", "rtol", "atol"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        if args.command == "plan":
+            return plan.main(args)
+        if args.command == "run":
+            script = [args.script, *args.args] if args.script != "-m" else ["-m", *args.args]
+            return launch(_job(args, script), dry_run=args.dry_run)
+        return launch(_job(args, ["-m", "autopar.cli.check", *_check_argv(args)]), dry_run=args.dry_run)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"autopar {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

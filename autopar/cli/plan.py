@@ -1,0 +1,178 @@
+"""``autopar plan``: predicted memory and communication per rank for a model on candidate grids.
+
+Shape only: the model is built on the meta device (no memory, no weights) and every figure
+comes from its parameter shapes and simple cost figures, so a user can compare grids for a
+model that does not fit anywhere yet. What is counted, per rank and training step, in fp32:
+
+* memory: parameters, gradients and AdamW state (4 + 4 + 8 bytes per parameter this rank holds)
+  plus activations, ``(68 + 10 a s / h) s b h`` bytes per block (Korthikanti et al.'s
+  estimate, in fp32), for the microbatches 1F1B keeps in flight;
+* communication (bytes a rank sends): ``z`` all-gathers each weight block in forward and
+  reduce-scatters its gradient, per microbatch; ``x``/``y`` all-reduce and all-gather layer
+  outputs in forward and input gradients in backward (autopar keeps full-feature activations
+  between layers); ``dp`` ring all-reduces the gradients once per step; ``pp`` sends one
+  activation forward and one gradient back per microbatch.
+
+Layers whose weight does not divide the grid stay replicated, as ``auto_parallelize`` does;
+the pipeline is assumed to split the repeated blocks evenly and to keep the rest (embeddings,
+heads) on the end stages.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..intra_layer.layout import divisible, linear_weight_spec
+from ..pipeline.split import find_blocks
+from ..runtime.grid import resolve_sizes
+from . import models
+
+GIB = 2.0 ** 30
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A weight ``auto_parallelize`` would shard: ``out x in`` features, in a block or not."""
+
+    out_features: int
+    in_features: int
+    in_block: bool
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: list[Layer]
+    other_params: int        # biases, norms, layers left replicated by their type
+    other_in_blocks: int     # of which inside the repeated blocks
+    blocks: int
+    hidden: int | None
+    heads: int | None
+    seq_len: int
+
+
+def _seq_len(config: object, requested: int | None) -> int:
+    if requested:
+        return requested
+    if hasattr(config, "image_size"):  # patches + the class token
+        return (config.image_size // config.patch_size) ** 2 + 1
+    return min(1024, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024))
+
+
+def shape_of(model: nn.Module, seq_len: int | None) -> Shape:
+    from transformers.pytorch_utils import Conv1D
+
+    block_names = find_blocks(model)
+    block_prefixes = tuple(f"{n}." for n in block_names)
+    blocks = sum(len(model.get_submodule(n)) for n in block_names)
+    layers, other, other_blocks, seen = [], 0, 0, set()
+    for name, module in model.named_modules():
+        in_block = name.startswith(block_prefixes)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if pname == "weight" and type(module) in (nn.Linear, nn.Embedding, Conv1D) and p.dim() == 2:
+                out_f, in_f = p.shape if type(module) is not Conv1D else p.shape[::-1]
+                layers.append(Layer(out_f, in_f, in_block))
+            else:
+                other += p.numel()
+                other_blocks += p.numel() if in_block else 0
+    cfg = getattr(model, "config", None)
+    return Shape(layers, other, other_blocks, blocks, getattr(cfg, "hidden_size", None),
+                 getattr(cfg, "num_attention_heads", None), _seq_len(cfg, seq_len))
+
+
+def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches: int) -> dict[str, float]:
+    """Bytes per rank (the busiest stage): memory by kind and communication by axis."""
+    pp, dp, z, y, x = (sizes[a] for a in ("pp", "dp", "z", "y", "x"))
+    tp = {"x": x, "y": y, "z": z}
+    tokens = global_batch * shape.seq_len / (dp * z)       # this rank's tokens per step
+    stage = min(pp, 2)  # embeddings and heads sit on the first and last stage
+    held = {"sharded": 0.0, "replicated": 0.0}
+    comm = dict.fromkeys(("x/y", "z", "dp", "pp"), 0.0)
+    for layer in shape.layers:
+        share = 1 / pp if layer.in_block else 1 / stage
+        spec = linear_weight_spec((layer.out_features, layer.in_features), tp)
+        if not divisible(spec.full_shape, spec.dim_axes, tp):
+            held["replicated"] += layer.out_features * layer.in_features * share
+            continue
+        block = layer.out_features * layer.in_features / (x * y)
+        held["sharded"] += block / z * share
+        comm["z"] += 2 * (z - 1) / z * block * microbatches * share
+        t = tokens * share
+        comm["x/y"] += t * (2 * (x - 1) / x * layer.out_features / y + (y - 1) / y * layer.out_features
+                            + 2 * (y - 1) / y * layer.in_features / x + (x - 1) / x * layer.in_features)
+    held["replicated"] += shape.other_in_blocks / pp + (shape.other_params - shape.other_in_blocks) / stage
+    comm["dp"] = 2 * (dp - 1) / dp * held["sharded"] + 2 * (dp * z - 1) / (dp * z) * held["replicated"]
+    if pp > 1 and shape.hidden:
+        comm["pp"] = 2 * tokens * shape.hidden
+    params = held["sharded"] + held["replicated"]
+    act = 0.0
+    if shape.hidden and shape.heads:
+        s, h, a = shape.seq_len, shape.hidden, shape.heads
+        in_flight = min(pp, microbatches) / microbatches  # 1F1B: the first stage holds pp microbatches
+        act = shape.blocks / pp * tokens * in_flight * h * (68 + 10 * a * s / h)
+    return {"params": params, "weights": 4 * params, "grads": 4 * params, "adamw": 8 * params,
+            "activations": act, **{f"comm {k}": 4 * v for k, v in comm.items()}}
+
+
+def candidate_grids(world: int, blocks: int) -> list[dict[str, int]]:
+    """Every pp x z x y x x with a product dividing ``world`` (dp takes the rest), pp <= blocks."""
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    grids = []
+    for pp, z, y, x in itertools.product(divisors, repeat=4):
+        if world % (pp * z * y * x) == 0 and pp <= max(blocks, 1):
+            grids.append(resolve_sizes(world, pp=pp, x=x, y=y, z=z))
+    return grids
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", default="gpt2", choices=models.FAMILIES,
+                      help="the family's default (full-size) transformers config")
+    what.add_argument("--factory", metavar="MODULE:FUNCTION", help="FUNCTION() returns your model (built on meta)")
+    p.add_argument("--world", type=int, required=True, help="ranks in the job")
+    p.add_argument("--global-batch", type=int, default=8, help="sequences (samples) per step, all ranks")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the config's positions, at most 1024")
+    p.add_argument("--microbatches", type=int, default=None, help="per rank and step; default pp")
+    p.add_argument("--top", type=int, default=10, help="grids shown when ranking")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the table for ``args`` (``args.grid``: one grid, or empty to rank them all)."""
+    grid = args.grid
+    with torch.device("meta"):
+        if args.factory:
+            made = models.load_factory(args.factory)()
+            model = made[0] if isinstance(made, tuple) else made
+        else:
+            model = models.build(args.model, tiny=False)
+    shape = shape_of(model, args.seq_len)
+    grids = [resolve_sizes(args.world, **grid)] if grid else candidate_grids(args.world, shape.blocks)
+    rows = []
+    for sizes in grids:
+        fig = predict(shape, sizes, args.global_batch, args.microbatches or sizes["pp"])
+        memory = fig["weights"] + fig["grads"] + fig["adamw"] + fig["activations"]
+        comm = sum(v for k, v in fig.items() if k.startswith("comm"))
+        rows.append((memory, comm, sizes, fig))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{args.factory or args.model}: {total / 1e6:,.1f}M parameters, {shape.blocks} blocks, "
+          f"{len(shape.layers)} shardable weights; global batch {args.global_batch} x {shape.seq_len} tokens; "
+          f"fp32 AdamW; per rank, busiest stage, GiB")
+    print(f"{'pp dp  z  y  x':>14} {'params(M)':>9} {'weights':>8} {'grads':>7} {'adamw':>7} {'activ.':>7} "
+          f"{'memory':>8} {'comm x/y':>8} {'z':>7} {'dp':>7} {'pp':>7} {'comm':>8}")
+    for memory, comm, sizes, fig in rows[:args.top if not grid else None]:
+        g = " ".join(f"{sizes[a]:>2}" for a in ("pp", "dp", "z", "y", "x"))
+        print(f"{g:>14} {fig['params'] / 1e6:9.1f} " + " ".join(
+            f"{fig[k] / GIB:{w}.3f}" for k, w in (("weights", 8), ("grads", 7), ("adamw", 7), ("activations", 7)))
+            + f" {memory / GIB:8.3f} " + " ".join(
+            f"{fig[k] / GIB:{w}.3f}" for k, w in (("comm x/y", 8), ("comm z", 7), ("comm dp", 7), ("comm pp", 7)))
+            + f" {comm / GIB:8.3f}")
+    if not grid and len(rows) > args.top:
+        print(f"... {len(rows) - args.top} more grids (--top)")
+    return 0
