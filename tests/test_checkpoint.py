@@ -158,6 +158,23 @@ def test_xyz_to_world_of_one_and_back(pool8, tmp_path):
     reshard(one, {}, pool8.run, dict(x=2, y=2, z=2), str(tmp_path / "b"))
 
 
+def test_state_offload_to_plain_world_of_one(tmp_path):
+    reshard(one, {}, one, {}, str(tmp_path / "ck"), opts_a=dict(offload="optimizer"))
+
+
+def save_untrained(grid: dict, path: str) -> None:
+    autopar.save_checkpoint(engine(grid, seed=0), path)
+
+
+def test_pp_save_before_the_split(pool8, tmp_path):
+    """Before its first step a pipeline engine holds the whole model on every stage."""
+    pool8.run(save_untrained, dict(pp=2, dp=2, x=2), str(tmp_path / "ck"))
+    model = gpt2(1)
+    autopar.load_checkpoint(model, tmp_path / "ck")
+    for (name, x), y in zip(model.state_dict().items(), gpt2(0).state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 def test_pp_x_to_dp_z_and_hf_export(pool8, tmp_path):
     """Also exports the pp=2 x x=2 model (tied wte/lm_head on two stages) to Hugging Face."""
     reshard(pool8.run, dict(pp=2, dp=2, x=2), pool8.run, dict(dp=4, z=2), str(tmp_path / "ck"),
