@@ -148,6 +148,43 @@ def test_sharded_layout_skips_the_relayout(pool8):
     assert sum(default.values()) - sum(chained.values()) == pytest.approx(2 * 4 * tokens * 32 / 2)
 
 
+class Reversed(nn.Module):
+    """Registered in the opposite order to the one it runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Linear(24, 8)
+        self.first = nn.Linear(8, 24)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.first(h)))
+
+
+def prefetch_in_execution_order():
+    autopar.init(x=2, y=1, z=2)
+    torch.manual_seed(0)
+    ser = Reversed()
+    torch.manual_seed(0)
+    with autopar.auto_parallelize():
+        par = Reversed()
+    data = torch.randn(8, 8)
+    engine = autopar.parallelize(par, OPTIMIZERS["adamw"], loss_fn=lambda out, b: out.square().mean())
+    serial_opt = OPTIMIZERS["adamw"](ser.parameters())
+    for _ in range(3):
+        engine.step(autopar.shard_batch(data))
+        ser(data).square().mean().backward()
+        serial_opt.step()
+        serial_opt.zero_grad()
+    _assert_state_equal(par, ser, exact=False)
+    prefetcher = par.first.prefetcher
+    assert prefetcher.order == [par.first, par.last] and not prefetcher.recording
+    return prefetcher.hits
+
+
+def test_depth_gathers_prefetched_in_execution_order(pool8):
+    assert pool8.run(prefetch_in_execution_order) == [2] * 8  # steps 2 and 3 find `last` prefetched
+
+
 def layers_and_tags(x, y, z):
     """Layer types, tags and the tied GPT-2 head on one grid."""
     from transformers.pytorch_utils import Conv1D

@@ -34,6 +34,7 @@ from ..runtime.params import set_grad_axes
 from ..runtime.state import current_grid
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
 from .layout import ShardSpec, divisible, linear_weight_spec
+from .prefetch import Prefetcher
 
 log = logging.getLogger("autopar")
 
@@ -119,7 +120,10 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
         if grid.rank == 0:
             log.warning(msg)
     pieces: dict[int, nn.Parameter] = {}
+    prefetcher = Prefetcher()
     for layer in layers:
+        if plans[id(layer)]:
+            layer.prefetcher = prefetcher
         for name, spec in plans[id(layer)].items():
             full = layer._parameters[name]
             if id(full) not in pieces:

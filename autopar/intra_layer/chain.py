@@ -12,8 +12,10 @@ and its input gradient is all-reduced over x, which is exactly what the producer
 
 Per pair this saves the forward all-gather over y and the backward all-gather over x of one
 activation. When y has size 1 the hand-off goes along x instead and it is the producers that
-swap roles (Megatron's column-parallel layer feeding a row-parallel one). ``chain`` must be called after ``auto_parallelize`` and before ``autopar.parallelize``
-(it replaces the consumer's weight tensor).
+swap roles (Megatron's column-parallel layer feeding a row-parallel one).
+
+``chain`` must be called after ``auto_parallelize`` and before ``autopar.parallelize``: it
+replaces the re-laid-out weight tensors. Nothing detects chains automatically yet.
 """
 from __future__ import annotations
 

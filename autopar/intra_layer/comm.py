@@ -108,12 +108,10 @@ class _DepthGather(torch.autograd.Function):
     hands each z rank its piece."""
 
     @staticmethod
-    def forward(ctx, piece: Tensor, grid: Grid, shape: tuple[int, ...]) -> Tensor:
+    def forward(ctx, piece: Tensor, grid: Grid, shape: tuple[int, ...], gathered: Tensor | None) -> Tensor:
         n = grid.size("z")
         ctx.grid, ctx.numel = grid, piece.numel() * n
-        flat = piece.new_empty(ctx.numel)
-        all_gather_flat(flat, piece.contiguous(), group=grid.group("z"))
-        COUNTER.add("all_gather[z]", flat, n)
+        flat = gathered if gathered is not None else start_depth_gather(piece, grid)[0]
         numel = 1
         for d in shape:
             numel *= d
@@ -128,7 +126,7 @@ class _DepthGather(torch.autograd.Function):
         piece = g.new_empty(ctx.numel // n)
         reduce_scatter_flat(piece, flat, group=grid.group("z"))
         COUNTER.add("reduce_scatter[z]", flat, n)
-        return piece, None, None
+        return piece, None, None, None
 
 
 class _Matmul(torch.autograd.Function):
@@ -169,9 +167,19 @@ def all_reduce(t: Tensor, grid: Grid, axis: str) -> Tensor:
     return _AllReduce.apply(t, grid, axis) if grid.size(axis) > 1 else t
 
 
-def depth_gather(piece: Tensor, grid: Grid, shape: tuple[int, ...]) -> Tensor:
+def start_depth_gather(piece: Tensor, grid: Grid, async_op: bool = False) -> tuple[Tensor, Any]:
+    """All-gather a depth piece into a new flat buffer; with ``async_op`` also the work handle."""
+    n = grid.size("z")
+    flat = piece.new_empty(piece.numel() * n)
+    work = all_gather_flat(flat, piece.detach().contiguous(), group=grid.group("z"), async_op=async_op)
+    COUNTER.add("all_gather[z]", flat, n)
+    return flat, work
+
+
+def depth_gather(piece: Tensor, grid: Grid, shape: tuple[int, ...], gathered: Tensor | None = None) -> Tensor:
+    """``gathered``: the flat result of an earlier ``start_depth_gather`` (a prefetch)."""
     if grid.size("z") > 1:
-        return _DepthGather.apply(piece, grid, shape)
+        return _DepthGather.apply(piece, grid, shape, gathered)
     return piece.view(shape)
 
 

@@ -2,7 +2,7 @@
 
 Each class subclasses the layer it replaces, so ``isinstance`` checks, ``extra_repr`` and HF's
 init/tying code keep working. A layer is built exactly like the serial one (full weight, same
-RNG draws); ``shard_parameters`` then swaps its parameters for local pieces carrying a
+RNG draws); ``auto.shard_layers`` then swaps its parameters for local pieces carrying a
 ``ShardSpec`` (see ``layout``). Until then, or when a layer stays replicated, ``forward`` is the
 serial one.
 
@@ -14,7 +14,9 @@ Sharded forward of ``y = x W^T + b`` for a rank at (x, y, z) with its batch slic
     h    = all-reduce_x(h) + b[out-block of y]  # bias: a full copy on every rank
     out  = all-gather_y(h)                      # back to full features; grad: own slice
 
-so input and output are ordinary full-feature activations and the layer can stand anywhere.
+so input and output are ordinary full-feature activations and the layer can stand anywhere
+(``chain`` switches pairs of layers to handing over feature blocks instead). Every collective's
+size follows from shapes alone (x and y ranks share one batch slice), so there is no host sync.
 Parameter tags: the weight piece is partitioned over (z, y, x) and, its z-sum being done by
 the reduce-scatter, its grad is summed over ``dp`` only. The bias stays full (it is ``out``
 numbers, nothing next to the weight): each y rank produces the gradient of its own slice and
@@ -34,8 +36,9 @@ from torch import Tensor, nn
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
-from .comm import slice_last, all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul
+from .comm import all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul, slice_last
 from .layout import ShardSpec
+from .prefetch import Prefetcher
 
 
 def spec_of(param: Tensor | None) -> ShardSpec | None:
@@ -67,6 +70,14 @@ class ShardedModule(nn.Module):
 
     in_sharded = False   # input arrives as this rank's block of features (set by ``chain``)
     out_sharded = False  # output leaves as this rank's block of features (set by ``chain``)
+    prefetcher: Prefetcher | None = None  # shared by the layers of one auto_parallelize block
+
+    def full_block(self, spec: ShardSpec, grid: Grid) -> Tensor:
+        """This rank's (y, x) block of the weight, gathered over z (prefetched when possible)."""
+        gathered = None
+        if self.prefetcher is not None and grid.size("z") > 1:
+            gathered = self.prefetcher.gathered(self, grid)
+        return depth_gather(self.weight, grid, spec.block_shape, gathered)
 
     def autopar_full_state(self) -> dict[str, Tensor]:
         grid = current_grid()
@@ -122,7 +133,7 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     block of output features (see ``chain``)."""
     grid = current_grid()
     out_axis, in_axis = feature_axes(spec, transposed)
-    w = depth_gather(layer.weight, grid, spec.block_shape)
+    w = layer.full_block(spec, grid)
     h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
     h = matmul(h, w, grid, out_axis, transposed)
     h = all_reduce(h, grid, in_axis)
@@ -154,7 +165,7 @@ class Embedding(ShardedModule, nn.Embedding):
         if spec is None:
             return super().forward(input)
         grid = current_grid()
-        w = depth_gather(self.weight, grid, spec.block_shape)
+        w = self.full_block(spec, grid)
         rows = spec.block_shape[0]
         start = grid.index("y") * rows
         pad = self.padding_idx
