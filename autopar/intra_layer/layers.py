@@ -200,5 +200,12 @@ def conv1d_class() -> type[nn.Module]:
                 return super().forward(x)
             return linear_3d(self, x, spec, transposed=True)
 
-    Conv1D.__module__ = __name__
+    Conv1D.__module__, Conv1D.__qualname__ = __name__, "Conv1D"
     return Conv1D
+
+
+def __getattr__(name: str) -> Any:
+    """``layers.Conv1D`` resolves lazily, so pickles of GPT-2 models find the class."""
+    if name == "Conv1D":
+        return conv1d_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
