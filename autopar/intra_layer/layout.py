@@ -11,7 +11,11 @@ A 2D weight of full shape ``(R, C)`` is laid out in two stages (AxoNN's 3D matmu
    of Z and rank z keeps elements ``z*k : (z+1)*k`` with ``k = ceil(block_numel / Z)``. The local
    parameter is this 1D piece of ``k`` elements; forward all-gathers it over ``z``.
 
-Biases are not sharded (see ``layers``): every rank holds the full vector.
+Layers in a ``chain`` (the sharded layout) may hold the swapped orientation, e.g. a Linear
+with ``dim_axes = ("x", "y")``: always read ``dim_axes`` from the spec, never assume it.
+Biases, LayerNorms and every layer left replicated are not sharded: each rank holds the full
+tensor (``spec_of(param) is None``). A rank's coordinates on axes not in ``spec.axes`` (dp, pp,
+and x/y/z of size 1) do not matter: those ranks hold identical copies.
 
 ``ShardSpec`` is plain data (picklable, no process groups) so checkpoint code can reshard
 between grids with ``spec.shard(full, coords)`` / ``spec.assemble(pieces)`` instead of
