@@ -257,6 +257,14 @@ def test_kill_during_save_then_resume(tmp_path):
     check_against_reference(losses, full)
 
 
+def test_kill_between_the_two_renames(tmp_path):
+    """The one instant with no checkpoint at the path: the previous one was moved aside and the
+    new one not yet moved in. Loading falls back to the complete previous checkpoint."""
+    in_process(_save_tiny, str(tmp_path / "ck"))
+    os.rename(tmp_path / "ck", tmp_path / "ck.old-0123")
+    assert in_process(lambda: autopar.load_checkpoint(gpt2(0), tmp_path / "ck")) == {}
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 def _save_tiny(path: str) -> None:
     autopar.init()
