@@ -210,7 +210,7 @@ def main(rank: int, world: int, port: int, args) -> None:
     os.makedirs(OUT, exist_ok=True)
     table1, table2, table3 = [], [], []
     for m in args.microbatches:
-        for schedule in SCHEDULES:
+        for schedule in args.schedules:
             if schedule == "interleaved" and m % args.pp:
                 continue
             mine = run_autopar(args, schedule, m, record=True)
@@ -223,7 +223,8 @@ def main(rank: int, world: int, port: int, args) -> None:
             if rank == 0 and m == max(args.microbatches):
                 draw(mine["spans"], f"{schedule} pp={args.pp} M={m} v={mine['v']}: measured bubble {frac:.1%}",
                      os.path.join(OUT, f"pipeline_timeline_{schedule}.png"))
-    table3 += bytes_rows(args)
+    if not args.no_hf:
+        table3 += bytes_rows(args)
     if rank == 0:
         print(f"\n## Bubble fraction (pp={args.pp}, {args.layers} blocks of width {args.width}, {args.rows} rows/microbatch)")
         print("| schedule | pp | M | v | measured | theory | mean F / B / W ms |")
@@ -253,6 +254,8 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--rows", type=int, default=32, help="rows per microbatch")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF-model rows of the bytes table")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -253,6 +253,8 @@ def _bad_inputs() -> list[str]:
         _expect_error(lambda: autopar.parallelize(nn.Linear(4, 4), opt, 2), "split_points=["),
         _expect_error(lambda: autopar.parallelize(build("gpt2", 4), opt, 2, split_points=["nope"]),
                       "not submodules"),
+        _expect_error(lambda: autopar.parallelize(build("gpt2", 4), opt, 2, schedule="zerobubble",
+                                                  activation_checkpointing=True), "not supported with"),
     ]
     engine = autopar.parallelize(build("gpt2", 4), opt, num_microbatches=3)
     kinds.append(_expect_error(lambda: engine.step(batch("gpt2", 4)), "does not divide into 3 microbatches"))
@@ -268,7 +270,7 @@ def _bad_inputs() -> list[str]:
 
 def test_bad_inputs_raise_on_every_rank(pool2):
     results = pool2.run(_bad_inputs)
-    assert results[0] == results[1] and len(results[0]) == 9
+    assert results[0] == results[1] and len(results[0]) == 10
 
 
 # -- four ranks -------------------------------------------------------------------------------

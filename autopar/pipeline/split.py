@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,11 @@ optimizer update, gradient sync and memory of a parameter do not show up in FLOP
 gives an embedding (a lookup: no FLOPs, many parameters) its weight."""
 
 Key = tuple[int, int]  # (unit position in call order, index of the tensor in its flattened output)
+
+
+class TensorMeta(NamedTuple):
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 class UntraceableModel(RuntimeError):
@@ -125,7 +130,7 @@ class Flow:
     """What one traced forward taught us, in call order of the units."""
     order: list[int]                      # unit index (registration order) per call position
     specs: list[Any]                      # pytree spec of each unit's output
-    leaves: list[list[Any]]               # per output leaf: torch.Size/dtype pair or the value
+    leaves: list[list[Any]]               # per output leaf: a TensorMeta, or the value itself
     flops: list[float]                    # forward FLOPs of one microbatch, glue included
     deps: list[set[Key]]                  # unit outputs each call position consumes (glue included)
     final_deps: set[Key] = field(default_factory=set)  # what the loss needs
@@ -195,7 +200,7 @@ class Tracer:
         metas, fresh = [], []
         for j, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
-                metas.append((leaf.shape, leaf.dtype))
+                metas.append(TensorMeta(leaf.shape, leaf.dtype))
                 t = leaf.detach()
                 if t.is_floating_point():
                     t = t.clone().requires_grad_(True)

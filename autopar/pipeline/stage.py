@@ -33,7 +33,7 @@ from ..runtime.grid import Grid, coords_of, rank_of
 from ..runtime.params import mark_norm_duplicate
 from .comm import P2P
 from .schedules import Action, build_schedule, check_schedule
-from .split import Flow, Key, Tracer, UntraceableModel, find_units, forced_bounds, log_split, partition, unit_costs
+from .split import Flow, Key, TensorMeta, Tracer, UntraceableModel, find_units, forced_bounds, log_split, partition, unit_costs
 from .zero_bubble import backward_input, backward_weight
 
 LOOKAHEAD = 2  # receives posted this many actions ahead, so transfers overlap compute
@@ -84,8 +84,8 @@ class Pipeline:
             if not self.ckpt_stages <= set(range(pp)):
                 raise ValueError(f"activation_checkpointing stages {sorted(self.ckpt_stages)} must be in 0..{pp - 1}")
         if self.ckpt_stages and schedule == "zerobubble":
-            raise ValueError("activation_checkpointing cannot be combined with schedule='zerobubble': "
-                             "the deferred weight gradient would recompute every checkpointed unit twice")
+            raise ValueError("activation_checkpointing is not supported with schedule='zerobubble' "
+                             "(its weight gradients replay saved activations after B); use '1f1b'")
         self.split_points = split_points
         self.call, self.loss, self.loss_scale = call, loss, loss_scale
         self.tracer: Tracer | None = None
@@ -132,11 +132,10 @@ class Pipeline:
         for j, meta in enumerate(flow.leaves[pos]):
             if (pos, j) in ctx.received:
                 leaves.append(ctx.received[(pos, j)])
-            elif isinstance(meta, tuple) and len(meta) == 2 and isinstance(meta[1], torch.dtype):
-                key = (meta, self.grid.device)
-                if key not in self._zeros:
-                    self._zeros[key] = torch.zeros(meta[0], dtype=meta[1], device=self.grid.device)
-                leaves.append(self._zeros[key])
+            elif isinstance(meta, TensorMeta):  # shared: nothing that uses it reaches the loss
+                if meta not in self._zeros:
+                    self._zeros[meta] = torch.zeros(meta.shape, dtype=meta.dtype, device=self.grid.device)
+                leaves.append(self._zeros[meta])
             else:
                 leaves.append(meta)
         return tree_unflatten(leaves, flow.specs[pos])
