@@ -226,18 +226,18 @@ def test_hf_export_untied_llama(pool8, tmp_path):
 KILLED_SAVE = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    import autopar, autopar.checkpoint.save as sharded
+    import autopar, autopar.checkpoint.save as save
     import test_checkpoint as t
     eng = t.engine({{}}, seed=0)
     for b in t.batches()[:t.SAVE_AT]:
         eng.step(b)
     autopar.save_checkpoint(eng, {path!r}, extra={{"next_batch": t.SAVE_AT}})
     eng.step(t.batches()[t.SAVE_AT])
-    real = sharded.write_pieces
+    real = save.write_pieces
     def dying(path, pieces):
         real(path, pieces[:len(pieces) // 2])   # half of the file lands, then the process dies
         os._exit(3)
-    sharded.write_pieces = dying
+    save.write_pieces = dying
     autopar.save_checkpoint(eng, {path!r}, extra={{"next_batch": t.SAVE_AT + 1}})
 """)
 

@@ -89,8 +89,13 @@ def staging_dir(final: str, tag: str) -> str:
 
 
 def remove_stale(final: str) -> None:
-    """Leftovers of saves that were killed; called by rank 0 before a new save starts."""
-    for path in glob.glob(glob.escape(final.rstrip(os.sep)) + ".tmp-*"):
+    """Leftovers of saves that were killed; called by rank 0 before a new save starts. A moved
+    aside ``.old-`` checkpoint is kept while it is the only complete one."""
+    final = final.rstrip(os.sep)
+    stale = glob.glob(glob.escape(final) + ".tmp-*")
+    if os.path.exists(os.path.join(final, INDEX)):
+        stale += glob.glob(glob.escape(final) + ".old-*")
+    for path in stale:
         shutil.rmtree(path, ignore_errors=True)
 
 
