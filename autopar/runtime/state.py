@@ -5,6 +5,7 @@ world and leaves it alone on ``destroy``; otherwise it owns the default group an
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -164,3 +165,7 @@ def destroy() -> None:
         if _owns_world:
             dist.destroy_process_group()
     _grid, _owns_world = None, False
+    # A destroyed gloo group keeps its transport threads until the last reference dies, and
+    # parallelised models reach their groups through reference cycles (modules <-> hooks):
+    # collect now, or a process that re-initialises many times piles up spinning threads.
+    gc.collect()
