@@ -122,9 +122,10 @@ def _bucket_key(p: nn.Parameter, zero: int) -> tuple:
 
 
 def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list[nn.Parameter]]:
-    """Pack parameters, given in the order their gradients are expected, into buckets of at most
-    ``cap_bytes`` (a larger tensor gets a bucket of its own); return the buckets sorted by the
-    position of their last parameter, i.e. by when they are expected to be complete."""
+    """Pack parameters, given in the order their gradients are expected, into buckets that are
+    closed as soon as they reach ``cap_bytes`` (as DDP and Megatron do: every bucket but the last
+    of a kind is at least the cap, so a model costs as few collectives as the cap allows); return
+    them sorted by the position of their last parameter, i.e. by when they should be complete."""
     open_: dict[tuple, list[nn.Parameter]] = {}
     open_bytes: dict[tuple, int] = {}
     last_pos: dict[tuple, int] = {}
@@ -132,13 +133,13 @@ def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list
     for pos, p in enumerate(order):
         key = _bucket_key(p, zero)
         size = p.numel() * p.element_size()
-        if key in open_ and open_bytes[key] + size > cap_bytes:
-            closed.append((last_pos[key], open_.pop(key)))
         if key not in open_:
             open_[key], open_bytes[key] = [], 0
         open_[key].append(p)
         open_bytes[key] += size
         last_pos[key] = pos
+        if open_bytes[key] >= cap_bytes:
+            closed.append((pos, open_.pop(key)))
     closed.extend((last_pos[key], ps) for key, ps in open_.items())
     return [ps for _, ps in sorted(closed, key=lambda c: c[0])]
 
