@@ -8,6 +8,7 @@ reference: AdamW's moments have to survive the reshard for steps 3-4 to agree.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -118,13 +119,20 @@ def reshard(pool_a, grid_a, pool_b, grid_b, path, opts_a=None, opts_b=None, hf=N
     check_against_reference(losses, full)
 
 
+@pytest.fixture
+def ranks8(pool8):
+    """The 8-rank pool with room for its start: 8 processes importing torch and transformers can
+    take minutes on a busy 2-core machine, all charged to the first call."""
+    return functools.partial(pool8.run, timeout=600)
+
+
 def one(fn, *args):
     return [in_process(fn, *args)]
 
 
 # --- the resharding matrix -------------------------------------------------------------------
-def test_dp_x_to_z_y(pool8, tmp_path):
-    reshard(pool8.run, dict(dp=4, x=2), pool8.run, dict(dp=2, z=2, y=2), str(tmp_path / "ck"))
+def test_dp_x_to_z_y(ranks8, tmp_path):
+    reshard(ranks8, dict(dp=4, x=2), ranks8, dict(dp=2, z=2, y=2), str(tmp_path / "ck"))
 
 
 def run_with_async_save(grid: dict, path: str) -> list[float]:
@@ -138,24 +146,24 @@ def run_with_async_save(grid: dict, path: str) -> list[float]:
     return losses
 
 
-def test_async_save_x_z_to_y(pool8, tmp_path):
+def test_async_save_x_z_to_y(ranks8, tmp_path):
     path = str(tmp_path / "ck")
-    pool8.run(run_with_async_save, dict(dp=2, x=2, z=2), path)
-    losses, full, extra, steps = pool8.run(run, dict(dp=4, y=2), path, SAVE_AT, STEPS, True, False)[0]
+    ranks8(run_with_async_save, dict(dp=2, x=2, z=2), path)
+    losses, full, extra, steps = ranks8(run, dict(dp=4, y=2), path, SAVE_AT, STEPS, True, False)[0]
     assert extra == {"next_batch": SAVE_AT} and steps == STEPS
     check_against_reference(losses, full)
 
 
-def test_zero_and_offload_to_tensor_parallel(pool8, tmp_path):
+def test_zero_and_offload_to_tensor_parallel(ranks8, tmp_path):
     """ZeRO shards of the optimizer state (flat ranges across tensors) and host-stepped master
     weights reshard like everything else."""
-    reshard(pool8.run, dict(dp=4, y=2), pool8.run, dict(dp=2, x=2, z=2), str(tmp_path / "ck"),
+    reshard(ranks8, dict(dp=4, y=2), ranks8, dict(dp=2, x=2, z=2), str(tmp_path / "ck"),
             opts_a=dict(zero=1), opts_b=dict(offload="optimizer+step"))
 
 
-def test_xyz_to_world_of_one_and_back(pool8, tmp_path):
-    reshard(pool8.run, dict(x=2, y=2, z=2), one, {}, str(tmp_path / "a"))
-    reshard(one, {}, pool8.run, dict(x=2, y=2, z=2), str(tmp_path / "b"))
+def test_xyz_to_world_of_one_and_back(ranks8, tmp_path):
+    reshard(ranks8, dict(x=2, y=2, z=2), one, {}, str(tmp_path / "a"))
+    reshard(one, {}, ranks8, dict(x=2, y=2, z=2), str(tmp_path / "b"))
 
 
 def test_state_offload_to_plain_world_of_one(tmp_path):
@@ -166,23 +174,23 @@ def save_untrained(grid: dict, path: str) -> None:
     autopar.save_checkpoint(engine(grid, seed=0), path)
 
 
-def test_pp_save_before_the_split(pool8, tmp_path):
+def test_pp_save_before_the_split(ranks8, tmp_path):
     """Before its first step a pipeline engine holds the whole model on every stage."""
-    pool8.run(save_untrained, dict(pp=2, dp=2, x=2), str(tmp_path / "ck"))
+    ranks8(save_untrained, dict(pp=2, dp=2, x=2), str(tmp_path / "ck"))
     model = gpt2(1)
     autopar.load_checkpoint(model, tmp_path / "ck")
     for (name, x), y in zip(model.state_dict().items(), gpt2(0).state_dict().values()):
         assert torch.equal(x, y), name
 
 
-def test_pp_x_to_dp_z_and_hf_export(pool8, tmp_path):
+def test_pp_x_to_dp_z_and_hf_export(ranks8, tmp_path):
     """Also exports the pp=2 x x=2 model (tied wte/lm_head on two stages) to Hugging Face."""
-    reshard(pool8.run, dict(pp=2, dp=2, x=2), pool8.run, dict(dp=4, z=2), str(tmp_path / "ck"),
+    reshard(ranks8, dict(pp=2, dp=2, x=2), ranks8, dict(dp=4, z=2), str(tmp_path / "ck"),
             hf=str(tmp_path / "hf"))
 
 
-def test_xyz_to_pp4(pool8, tmp_path):
-    reshard(pool8.run, dict(x=2, y=2, z=2), pool8.run, dict(pp=4), str(tmp_path / "ck"))
+def test_xyz_to_pp4(ranks8, tmp_path):
+    reshard(ranks8, dict(x=2, y=2, z=2), ranks8, dict(pp=4), str(tmp_path / "ck"))
 
 
 # --- Hugging Face export -------------------------------------------------------------------------
@@ -200,8 +208,8 @@ def check_hf_export(folder: str, full: dict[str, torch.Tensor]) -> None:
         assert torch.equal(state[name], ref), name
 
 
-def test_hf_export_tensor_parallel(pool8, tmp_path):
-    results = pool8.run(run, dict(x=2, y=2, z=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
+def test_hf_export_tensor_parallel(ranks8, tmp_path):
+    results = ranks8(run, dict(x=2, y=2, z=2), str(tmp_path / "ck"), 0, 1, False, False, None, str(tmp_path / "hf"))
     check_hf_export(str(tmp_path / "hf"), results[0][1])
 
 
@@ -218,8 +226,8 @@ def export_llama(path: str):
     return full if autopar.current_grid().rank == 0 else None
 
 
-def test_hf_export_untied_llama(pool8, tmp_path):
-    check_hf_export(str(tmp_path / "hf"), pool8.run(export_llama, str(tmp_path / "hf"))[0])
+def test_hf_export_untied_llama(ranks8, tmp_path):
+    check_hf_export(str(tmp_path / "hf"), ranks8(export_llama, str(tmp_path / "hf"))[0])
 
 
 # --- atomicity: a save killed midway ---------------------------------------------------------------
@@ -324,9 +332,9 @@ def _save_then_fail_to_load(path: str) -> str:
     return str(info.value)
 
 
-def test_missing_shard_raises_on_every_rank(pool8, tmp_path):
+def test_missing_shard_raises_on_every_rank(ranks8, tmp_path):
     """Only the x=1 ranks read the deleted file, yet every rank raises (and none hangs)."""
-    for message in pool8.run(_save_then_fail_to_load, str(tmp_path / "ck")):
+    for message in ranks8(_save_then_fail_to_load, str(tmp_path / "ck")):
         assert "missing shard" in message and "rank-00001" in message
 
 
