@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import sys
 
 from ..runtime.state import parse_grid
 from . import check, plan
@@ -85,7 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         return launch(_job(args, ["-m", "autopar.cli.check", *_check_argv(args)]), dry_run=args.dry_run)
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"autopar {args.command}: error: {e}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

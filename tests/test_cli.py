@@ -1,0 +1,108 @@
+"""The ``autopar`` console script: AUTOPAR_GRID in ``autopar.init``, the launch commands it
+builds for each launcher, ``check`` for real on 2 ranks (pass and fail), and ``plan``'s figures."""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+import autopar
+from autopar.cli import main
+from autopar.cli.launch import Job, choose_launcher, command, job_env
+from autopar.cli.plan import predict, shape_of
+from autopar.runtime.state import parse_grid
+from slurm import REPO, clean_env, run
+
+AUTOPAR = [sys.executable, "-m", "autopar.cli"]
+
+
+def test_parse_grid():
+    assert parse_grid("pp=2, x=2") == {"pp": 2, "x": 2} and parse_grid("") == {}
+    for bad in ("q=2", "x=0", "x", "x=two", "x=2,x=2"):
+        with pytest.raises(ValueError, match="grid"):
+            parse_grid(bad)
+
+
+def test_init_reads_autopar_grid(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AUTOPAR_GRID", "x=2")
+    with pytest.raises(ValueError, match="1"):  # x=2 does not fit a world of one
+        autopar.init()
+    assert autopar.init(x=1).sizes["x"] == 1  # explicit arguments win
+    autopar.destroy()
+    monkeypatch.setenv("AUTOPAR_GRID", "x=2;y=2")
+    with pytest.raises(ValueError, match="AUTOPAR_GRID: bad grid entry"):
+        autopar.init()
+    monkeypatch.setenv("AUTOPAR_GRID", "dp=1")
+    assert autopar.init().world_size == 1
+    autopar.destroy()
+
+
+def test_launcher_choice_and_commands():
+    job = Job(nprocs=4, script=["train.py", "--steps", "2"], grid={"pp": 2, "x": 2})
+    assert choose_launcher(job, {"SLURM_JOB_ID": "7"}) == "srun"
+    assert choose_launcher(job, {}) == "local"
+    assert choose_launcher(Job(nprocs=4, nodes=2, script=["t.py"]), {}) == "torchrun"
+    env = job_env(job, {"PATH": "/usr/bin"})
+    assert env["AUTOPAR_GRID"] == "pp=2,x=2"
+    assert command(job, "srun", env)[:6] == ["srun", "-n", "4", "-N", "1", "--kill-on-bad-exit=1"]
+    assert command(job, "srun", env)[-3:] == ["train.py", "--steps", "2"]
+    multi = Job(nprocs=8, nodes=2, script=["t.py"], master_addr="host0", master_port=1234)
+    cmd = command(multi, "torchrun", {})
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "host0:1234" and cmd[cmd.index("--nproc-per-node") + 1] == "4"
+    with pytest.raises(ValueError, match="master-addr"):
+        command(Job(nprocs=8, nodes=2, script=["t.py"]), "torchrun", {})
+    mpi = command(job, "mpirun", {"PATH": str(REPO / ".venv" / "bin") + ":/usr/bin"})  # pip Open MPI
+    assert "-x" in mpi and "AUTOPAR_GRID" in mpi and mpi[-3:] == ["train.py", "--steps", "2"]
+    with pytest.raises(ValueError, match="not divisible by pp\\*x\\*y\\*z = 4"):
+        Job(nprocs=6, script=["t.py"], grid={"pp": 2, "x": 2})
+    with pytest.raises(ValueError, match="split evenly"):
+        Job(nprocs=3, nodes=2, script=["t.py"])
+
+
+def test_run_dry_run_and_bad_grid(capsys):
+    assert main(["run", "-n", "2", "--grid", "x=2", "--dry-run", "train.py", "--lr", "1"]) == 0
+    assert "local: 2 x AUTOPAR_GRID=x=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "-n", "2", "--grid", "x=3", "train.py"])
+    assert "world size 2 is not divisible" in capsys.readouterr().err
+
+
+def test_check_passes_on_a_grid():
+    rc, out = run([*AUTOPAR, "check", "--model", "gpt2", "--grid", "x=2", "--steps", "2"], clean_env())
+    assert rc == 0, out
+    assert "construction: bit-identical to serial" in out and "PASS" in out, out
+    assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\[32, 96\]\s+\S+\s+\S+\s+yes", out), out
+
+
+def test_check_fails_beyond_tolerance_with_a_user_factory():
+    """A user's plain model on dp=2 with zero tolerance: the sums of 2 ranks differ from serial in
+    the last bits, so the table shows the errors and the exit code is non-zero."""
+    rc, out = run([*AUTOPAR, "check", "-n", "2", "--factory", "scripts.check_factory:build", "--atol", "0",
+                   "--rtol", "0", "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"))
+    assert rc != 0 and "FAIL" in out and "2.weight" in out, out
+
+
+def test_plan_figures(capsys):
+    assert main(["plan", "--model", "gpt2", "--world", "8", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "124.4M parameters" in out and "... " in out and len(re.findall(r"^\s+\d+\s+\d+\s+\d+", out, re.M)) == 3
+    import torch
+
+    from autopar.cli.models import build
+    with torch.device("meta"):
+        model = build("gpt2", tiny=False)
+    shape = shape_of(model, 1024)
+    params = sum(p.numel() for p in model.parameters())
+    plain = predict(shape, {"pp": 1, "dp": 8, "z": 1, "y": 1, "x": 1}, 8, 1)
+    assert plain["params"] == params and plain["adamw"] == 8 * params
+    assert math.isclose(plain["comm dp"], 4 * 2 * 7 / 8 * params) and plain["comm x/y"] == 0
+    x8 = predict(shape, {"pp": 1, "dp": 1, "z": 1, "y": 1, "x": 8}, 8, 1)
+    assert x8["params"] < params / 6  # the weights are most of GPT-2, and they shard 8 ways
+    # y=2 would cut the vocabulary, 50257 rows: the tied embedding stays replicated, as in auto_parallelize
+    tp = predict(shape, {"pp": 1, "dp": 1, "z": 2, "y": 2, "x": 2}, 8, 1)
+    assert tp["params"] > 50257 * 768 and tp["comm z"] > 0 and tp["comm x/y"] > 0
