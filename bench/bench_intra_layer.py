@@ -151,7 +151,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
               f"{world} gloo ranks on CPU, fp32\n")
         print("1. intra-layer communication per rank per step (MB): default full-feature layout, sharded")
         print("   layout (q/k/v->o, up->down chained), analytic 3D matmul with sharded activations")
-        print(f"{'grid (x,y,z)':>14} {'default':>9} {'sharded':>9} {'analytic':>9} {'default/an':>11} {'sharded/an':>11}")
+        print(f"{'grid (x,y,z)':>14} {'default':>9} {'sharded':>9} {'analytic':>9} "
+              f"{'default/an':>11} {'sharded/an':>11}")
         for g in grids:
             d, c = results[g, False], results[g, True]
             an = max(d['analytic'], 1)
