@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 import sys
 
 import pytest
@@ -73,7 +72,7 @@ def test_run_dry_run_and_bad_grid(capsys):
 
 
 def test_check_passes_on_a_grid():
-    rc, out = run([*AUTOPAR, "check", "--model", "gpt2", "--grid", "x=2", "--steps", "2"], clean_env())
+    rc, out = run([*AUTOPAR, "check", "--model", "gpt2", "--grid", "x=2", "--steps", "2"], clean_env(), timeout=400)
     assert rc == 0, out
     assert "construction: bit-identical to serial" in out and "PASS" in out, out
     assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\[32, 96\]\s+\S+\s+\S+\s+yes", out), out
@@ -83,7 +82,7 @@ def test_check_fails_beyond_tolerance_with_a_user_factory():
     """A user's plain model on dp=2 with zero tolerance: the sums of 2 ranks differ from serial in
     the last bits, so the table shows the errors and the exit code is non-zero."""
     rc, out = run([*AUTOPAR, "check", "-n", "2", "--factory", "scripts.check_factory:build", "--atol", "0",
-                   "--rtol", "0", "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"))
+                   "--rtol", "0", "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), timeout=400)
     assert rc != 0 and "FAIL" in out and "2.weight" in out, out
 
 
