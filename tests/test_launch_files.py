@@ -64,9 +64,9 @@ def test_sbatch_cpu_multinode_on_one_node(slurm, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("name", ["slurm_gpu_1node.sbatch", "slurm_gpu_multinode.sbatch"])
 def test_sbatch_gpu_scripts_are_accepted(slurm, name):  # noqa: F811
-    """No GPU partition here: Slurm validates the GPU scripts (sbatch --test-only) on our
+    """No GPU partition here: Slurm validates the GPU scripts (sbatch --test-only) on our one-node
     partition, without GPUs; running them needs a GPU cluster."""
-    rc, log = run(["sbatch", "--test-only", "--partition=debug", "--gpus-per-node=0", "--overcommit",
+    rc, log = run(["sbatch", "--test-only", "--partition=debug", "--nodes=1", "--gpus-per-node=0", "--overcommit",
                    "--cpus-per-task=1", str(LAUNCH / name)], slurm, timeout=60)
     assert rc == 0 and "to start at" in log, log
 
