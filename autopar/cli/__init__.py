@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start a Python script on N ranks with the right launcher")
     _add_launch_arguments(run, nprocs_required=True)
-    run.add_argument("script", help="the script, or -m module")
+    run.add_argument("script", help="the Python script every rank runs")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     chk = sub.add_parser("check", help="train a tiny model on the grid and serially; print the errors")
     _add_launch_arguments(chk, nprocs_required=False)
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return plan.main(args)
         if args.command == "run":
-            script = [args.script, *args.args] if args.script != "-m" else ["-m", *args.args]
-            return launch(_job(args, script), dry_run=args.dry_run)
+            return launch(_job(args, [args.script, *args.args]), dry_run=args.dry_run)
         return launch(_job(args, ["-m", "autopar.cli.check", *_check_argv(args)]), dry_run=args.dry_run)
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"autopar {args.command}: error: {e}\n")
