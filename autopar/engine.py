@@ -53,12 +53,21 @@ class Engine:
                  schedule: str, offload: str | None, loss_fn: LossFn | None,
                  clip_grad_norm: float | None, virtual_stages: int = 1,
                  split_points: Sequence[str] | None = None,
-                 activation_checkpointing: bool | Sequence[int] = False,
-                 recompute: RecomputePolicy = False, bucket_mb: float = 25.0, zero: int = 0) -> None:
+                 recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
+                 zero: int = 0) -> None:
         self.grid = current_grid()
         remember_aliases(model)  # checkpoints name tied weights as the serial model does
         self.model = model.to(self.grid.device)
-        self.recomputed = apply_recompute(self.model, recompute)
+        pipelined = self.grid.sizes["pp"] > 1
+        # One switch, two mechanisms: with pp > 1 the pipeline recomputes whole stages (it owns
+        # the block boundaries); with pp = 1 the chosen modules are wrapped in place.
+        if pipelined and (callable(recompute) or isinstance(recompute, nn.Module)):
+            raise ValueError("with pp > 1, recompute takes True or the list of pipeline stages to "
+                             "recompute; per-module policies apply with pp = 1")
+        if not pipelined and isinstance(recompute, (list, tuple)):
+            raise ValueError(f"recompute={recompute!r}: a list of stages needs pp > 1; with pp = 1 "
+                             "use True or a callable policy(name, module) -> bool")
+        self.recomputed = [] if pipelined else apply_recompute(self.model, recompute)
         self.activation_meter = ActivationMeter(self.model)
         self.num_microbatches = num_microbatches
         self.schedule = schedule
@@ -81,7 +90,7 @@ class Engine:
             # over them) only exist after the first step.
             self.pipeline = Pipeline(self.model, self.grid, schedule=schedule, num_microbatches=num_microbatches,
                                      virtual_stages=virtual_stages, split_points=split_points,
-                                     activation_checkpointing=activation_checkpointing, call=_call_model,
+                                     recompute=recompute, call=_call_model,
                                      loss=self._loss, loss_scale=self._loss_scale)
             self.params: list[nn.Parameter] = []
             self.optimizer: torch.optim.Optimizer | None = None
@@ -150,10 +159,10 @@ class Engine:
         if self.dp.accumulating:
             self._accumulated += 1
             return self._global_loss(total)
+        if self.pipeline is not None:  # before the dp reduction, which may scatter ZeRO shards
+            self.pipeline.sync_tied_grads()
         self.dp.finish(mean_of=self._accumulated + 1)
         self._accumulated = 0
-        if self.pipeline is not None:
-            self.pipeline.sync_tied_grads()
         if self.clip_grad_norm is not None:
             clip_grad_norm_(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
         self.stepper.step()  # also clears the gradients
@@ -174,19 +183,19 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
                 schedule: str = "1f1b", offload: str | None = None, *,
                 loss_fn: LossFn | None = None, clip_grad_norm: float | None = None,
                 virtual_stages: int = 1, split_points: Sequence[str] | None = None,
-                activation_checkpointing: bool | Sequence[int] = False,
-                recompute: RecomputePolicy = False, bucket_mb: float = 25.0, zero: int = 0) -> Engine:
+                recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
+                zero: int = 0) -> Engine:
     """Wrap ``model`` for training on the current grid.
 
     ``optimizer`` is a factory called with this rank's parameters (they may be shards).
     ``loss_fn(output, batch)`` is needed unless the output carries ``.loss`` (Hugging Face).
     Pipeline options (pp > 1): ``virtual_stages`` chunks per rank for ``schedule="interleaved"``;
     ``split_points``, module names that start stages 1.., where automatic splitting fails;
-    ``activation_checkpointing``, True or the list of pp stages that recompute activations.
     ``offload``: None, "optimizer" (optimizer state in host memory between steps) or
     "optimizer+step" (fp32 master weights, state and the step on the CPU); see ``autopar.offload``.
     ``recompute``: True recomputes the repeated blocks (transformer layers) in backward; a callable
-    ``policy(qualified_name, module) -> bool`` chooses the modules.
+    ``policy(qualified_name, module) -> bool`` chooses the modules (pp = 1); with pp > 1, True or
+    the list of pipeline stages that recompute their activations.
     ``bucket_mb``: size of the gradient buckets whose reduction overlaps backward.
     ``zero``: 1 shards the optimizer state over the data-parallel replicas, 2 the reduced
     gradients as well; needs an elementwise optimizer (see ``autopar.data_parallel.zero``).
@@ -209,5 +218,5 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
                   offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
                   virtual_stages=virtual_stages, split_points=split_points,
-                  activation_checkpointing=activation_checkpointing, recompute=recompute,
+                  recompute=recompute,
                   bucket_mb=bucket_mb, zero=zero)

@@ -176,9 +176,9 @@ def test_pp2_microbatch_counts_sgd(pool2):
 
 
 def test_pp2_checkpointing_split_points_clipping(pool2):
-    cases = [(("gpt2", "1f1b", 2, 4), {"activation_checkpointing": True}),
-             (("bert", "interleaved", 2, 2), {"v": 2, "activation_checkpointing": [0]}),
-             (("llama", "gpipe", 2, 2), {"activation_checkpointing": [1], "clip": 0.05}),
+    cases = [(("gpt2", "1f1b", 2, 4), {"recompute": True}),
+             (("bert", "interleaved", 2, 2), {"v": 2, "recompute": [0]}),
+             (("llama", "gpipe", 2, 2), {"recompute": [1], "clip": 0.05}),
              (("gpt2", "zerobubble", 2, 4), {"clip": 0.05}),
              (("gpt2", "1f1b", 2, 2), {"split_points": ["transformer.h.3"]}),
              (("skip", "1f1b", 2, 4), {"split_points": ["blocks.1"], "opt": "sgd"})]
@@ -254,7 +254,7 @@ def _bad_inputs() -> list[str]:
         _expect_error(lambda: autopar.parallelize(build("gpt2", 4), opt, 2, split_points=["nope"]),
                       "not submodules"),
         _expect_error(lambda: autopar.parallelize(build("gpt2", 4), opt, 2, schedule="zerobubble",
-                                                  activation_checkpointing=True), "not supported with"),
+                                                  recompute=True), "not supported with"),
     ]
     engine = autopar.parallelize(build("gpt2", 4), opt, num_microbatches=3)
     kinds.append(_expect_error(lambda: engine.step(batch("gpt2", 4)), "does not divide into 3 microbatches"))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from ..runtime.state import new_group
 from .local import local_region, model_of, model_tensors, optimizer_params, writes
 from .ranks import Ranks
 from .regions import Region, full_region, full_shape
@@ -215,7 +216,7 @@ def _checkpoint_group(engine: Any, ranks: Ranks) -> dist.ProcessGroup | None:
     """A gloo group for background saves, made once (collectively: every rank saves)."""
     model = model_of(engine)
     if ranks.world > 1 and getattr(model, "_autopar_checkpoint_group", None) is None:
-        model._autopar_checkpoint_group = dist.new_group(backend="gloo")
+        model._autopar_checkpoint_group = new_group(backend="gloo")
     return getattr(model, "_autopar_checkpoint_group", None)
 
 

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ..runtime.batch import split_batch
 from ..runtime.grid import Grid, coords_of, rank_of
 from ..runtime.params import mark_norm_duplicate
+from ..runtime.state import new_group
 from .comm import P2P
 from .schedules import Action, build_schedule, check_schedule
 from .split import Flow, Key, TensorMeta, Tracer, UntraceableModel, find_units, forced_bounds, log_split, partition, unit_costs
@@ -65,7 +66,7 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, grid: Grid, *, schedule: str, num_microbatches: int,
                  virtual_stages: int, split_points: Sequence[str] | None,
-                 activation_checkpointing: bool | Sequence[int],
+                 recompute: bool | Sequence[int],
                  call: Callable[[nn.Module, Any], Any], loss: Callable[[Any, Any], torch.Tensor],
                  loss_scale: float) -> None:
         pp = grid.sizes["pp"]
@@ -77,14 +78,14 @@ class Pipeline:
         if split_points is not None and len(split_points) + 1 != self.chunks:
             raise ValueError(f"{len(split_points)} split_points make {len(split_points) + 1} stages, but "
                              f"pp*virtual_stages = {self.chunks}; give {self.chunks - 1} split points")
-        if isinstance(activation_checkpointing, bool):
-            self.ckpt_stages = set(range(pp)) if activation_checkpointing else set()
+        if isinstance(recompute, bool):
+            self.ckpt_stages = set(range(pp)) if recompute else set()
         else:
-            self.ckpt_stages = set(activation_checkpointing)
+            self.ckpt_stages = set(recompute)
             if not self.ckpt_stages <= set(range(pp)):
-                raise ValueError(f"activation_checkpointing stages {sorted(self.ckpt_stages)} must be in 0..{pp - 1}")
+                raise ValueError(f"recompute stages {sorted(self.ckpt_stages)} must be in 0..{pp - 1}")
         if self.ckpt_stages and schedule == "zerobubble":
-            raise ValueError("activation_checkpointing is not supported with schedule='zerobubble' "
+            raise ValueError("recompute is not supported with schedule='zerobubble' "
                              "(its weight gradients replay saved activations after B); use '1f1b'")
         self.split_points = split_points
         self.call, self.loss, self.loss_scale = call, loss, loss_scale
@@ -205,7 +206,7 @@ class Pipeline:
                 if c["pp"] != stages[0]:
                     continue
                 members = [rank_of({**c, "pp": s}, sizes) for s in stages]
-                group = dist.new_group(members)
+                group = new_group(members)
                 if self.grid.rank in members:
                     self.tied.append((group, [by_id[i] for i in shared]))
             if self.rank in stages[1:]:
@@ -221,7 +222,12 @@ class Pipeline:
             dist.all_reduce(flat, group=group)
             offset = 0
             for p, g in zip(params, grads):
-                p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+                summed = flat[offset:offset + g.numel()].view_as(p)
+                # In place: the grad may be a view into a gradient bucket that is reduced next.
+                if p.grad is None:
+                    p.grad = summed.clone()
+                else:
+                    p.grad.copy_(summed)
                 offset += g.numel()
 
     def gather_full_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

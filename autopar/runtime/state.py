@@ -38,6 +38,8 @@ than a code change."""
 
 _grid: Grid | None = None
 _owns_world = False
+_timeout_td: timedelta | None = None
+_extra_groups: list[dist.ProcessGroup] = []  # made after init (e.g. tied stages); destroyed with the grid
 
 
 def parse_grid(text: str) -> dict[str, int]:
@@ -74,6 +76,15 @@ def current_grid() -> Grid:
     if _grid is None:
         raise RuntimeError("autopar is not initialised: call autopar.init(...) first")
     return _grid
+
+
+def new_group(ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """A process group beyond the grid's axis groups (say, the stages that share a tied weight),
+    with the grid's collective timeout, torn down by ``destroy``. Collective over the world."""
+    group = dist.new_group(ranks, timeout=_timeout_td, backend=backend)
+    if group != dist.GroupMember.NON_GROUP_MEMBER:
+        _extra_groups.append(group)
+    return group
 
 
 def is_initialized() -> bool:
@@ -115,11 +126,11 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
     ``AUTOPAR_GRID`` environment variable (``"pp=2,x=2"``, set by ``autopar run --grid``) if set;
     explicit arguments always win over it.
     """
-    global _grid, _owns_world
+    global _grid, _owns_world, _timeout_td
     if _grid is not None:
         raise RuntimeError("autopar.init() was already called in this process; "
                            "call autopar.destroy() before initialising again")
-    td = _timeout(timeout)
+    td = _timeout_td = _timeout(timeout)
     requested = _requested_grid(dict(pp=pp, dp=dp, x=x, y=y, z=z))
     if dist.is_initialized():
         launcher, rank, world, local_rank = "existing", dist.get_rank(), dist.get_world_size(), \
@@ -159,12 +170,14 @@ def destroy() -> None:
     if _grid is None:
         return
     if dist.is_initialized():
-        for group in {id(g): g for g in _grid._groups.values()}.values():
+        groups = [*_grid._groups.values(), *_extra_groups]
+        for group in {id(g): g for g in groups}.values():
             if group is not dist.group.WORLD and group != dist.GroupMember.NON_GROUP_MEMBER:
                 dist.destroy_process_group(group)
         if _owns_world:
             dist.destroy_process_group()
     _grid, _owns_world = None, False
+    _extra_groups.clear()
     # A destroyed gloo group keeps its transport threads until the last reference dies, and
     # parallelised models reach their groups through reference cycles (modules <-> hooks):
     # collect now, or a process that re-initialises many times piles up spinning threads.
