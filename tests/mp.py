@@ -12,19 +12,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 GRACE_S = 15.0  # how long the other ranks may still take after one rank failed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Queue) -> None:
@@ -36,8 +29,9 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
     import autopar
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=120))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
     while True:
         job = inbox.get()
         if job is None:
@@ -64,8 +58,13 @@ class RankPool:
         self._procs: list[mp.Process] = []
 
     def _start(self) -> None:
+        import torch.distributed as dist
+
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        # The pool's own process serves the rendezvous store on a port the OS picks, so pools of
+        # concurrent test runs can never race for the same free port.
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        port = self._store.port
         self._inboxes = [ctx.Queue() for _ in range(self.world_size)]
         self._outbox = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self._inboxes[r], self._outbox),
@@ -114,3 +113,4 @@ class RankPool:
                 p.kill()
                 p.join()
         self._procs = []
+        self._store = None
