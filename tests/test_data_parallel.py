@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import autopar
+from serial import train_serial
 from autopar.data_parallel import GradBuckets
 from autopar.runtime.params import grad_axes, set_grad_axes
 
@@ -41,18 +42,8 @@ def _adamw(params):
 
 def _serial(steps, clip, unused=False):
     torch.manual_seed(0)
-    model = MLP(unused)
-    opt = _adamw(model.parameters())
-    losses = []
-    for x, y in _batches(steps):
-        loss = _mse(model(x), (x, y))
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict(), sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim())
+    losses, state, opt = train_serial(MLP(unused), _batches(steps), _adamw, _mse, clip)
+    return losses, state, sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim())
 
 
 def _train(microbatches, zero, clip, unused=False):

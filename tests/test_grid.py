@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 import autopar
+from serial import train_serial
 from autopar.runtime.grid import AXES, coords_of, group_ranks, rank_of, resolve_sizes
 
 GRIDS_8 = [dict(x=2, y=2, z=2), dict(pp=2, dp=2, x=2), dict(pp=2, y=2, z=2), dict(dp=8),
@@ -113,24 +114,14 @@ def _batches(steps, n=16):
     return [(torch.randn(n, 8, generator=g), torch.randn(n, 4, generator=g)) for _ in range(steps)]
 
 
-def _serial(steps, clip, microbatches):
+def _serial(steps, clip):
     torch.manual_seed(0)
-    model = MLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for x, y in _batches(steps):
-        loss = _mse(model(x), (x, y))
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
+    losses, state, _ = train_serial(MLP(), _batches(steps), lambda p: torch.optim.AdamW(p, lr=1e-2), _mse, clip)
+    return losses, state
 
 
 def check_dp_equals_serial(grid_kwargs, clip, microbatches):
-    ref_losses, ref_state = _serial(3, clip, microbatches)
+    ref_losses, ref_state = _serial(3, clip)
     autopar.init(**grid_kwargs)
     torch.manual_seed(0)
     engine = autopar.parallelize(MLP(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import autopar
+from serial import train_serial
 from autopar.offload import CpuStepper, StateOffloadStepper
 
 MODES = (None, "optimizer", "optimizer+step")
@@ -58,18 +59,8 @@ def _adamw(params):
 
 def _serial(clip):
     torch.manual_seed(0)
-    model = Net()
-    opt = _adamw(model.parameters())
-    losses = []
-    for batch in _batches():
-        loss = _mse(model(batch[0]), batch)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
+    losses, state, _ = train_serial(Net(), _batches(), _adamw, _mse, clip)
+    return losses, state
 
 
 def _assert_state_on_host(engine):
