@@ -31,6 +31,10 @@ parameter that stops being used on some ranks simply contributes zeros, which is
 sum); a parameter found unused that later produces a gradient raises instead of silently
 diverging the replicas.
 
+Reduced last: parameters listed in ``reduce_last`` (weights tied across pipeline stages, whose
+gradient must first be summed over those stages) go into buckets of their own at the end of the
+order, launched by ``finish()`` only.
+
 ZeRO (``zero=1`` / ``zero=2``) keeps this layout and shards the optimizer over each bucket's
 group; see ``zero.py``.
 """
@@ -113,25 +117,27 @@ class Bucket:
         self.ready = 0
 
 
-def _bucket_key(p: nn.Parameter, zero: int) -> tuple:
-    """Parameters in one bucket must reduce over the same group with the same dtype. Under ZeRO
-    a bucket shard becomes one optimizer parameter whose norm is counted by its tags, so the
-    norm tags must agree as well."""
-    key: tuple = (grad_axes(p), p.dtype, p.device)
+def _bucket_key(p: nn.Parameter, zero: int, last: set[int]) -> tuple:
+    """Parameters in one bucket must reduce over the same group with the same dtype, and be
+    launched at the same time. Under ZeRO a bucket shard becomes one optimizer parameter whose
+    norm is counted by its tags, so the norm tags must agree as well."""
+    key: tuple = (grad_axes(p), p.dtype, p.device, id(p) in last)
     return key + (shard_axes(p), is_norm_duplicate(p)) if zero else key
 
 
-def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int) -> list[list[nn.Parameter]]:
+def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int, last: set[int]) -> list[list[nn.Parameter]]:
     """Pack parameters, given in the order their gradients are expected, into buckets that are
     closed as soon as they reach ``cap_bytes`` (as DDP and Megatron do: every bucket but the last
     of a kind is at least the cap, so a model costs as few collectives as the cap allows); return
-    them sorted by the position of their last parameter, i.e. by when they should be complete."""
+    them sorted by the position of their last parameter, i.e. by when they should be complete.
+    The parameters in ``last`` are moved behind all others."""
+    order = [p for p in order if id(p) not in last] + [p for p in order if id(p) in last]
     open_: dict[tuple, list[nn.Parameter]] = {}
     open_bytes: dict[tuple, int] = {}
     last_pos: dict[tuple, int] = {}
     closed: list[tuple[int, list[nn.Parameter]]] = []
     for pos, p in enumerate(order):
-        key = _bucket_key(p, zero)
+        key = _bucket_key(p, zero, last)
         size = p.numel() * p.element_size()
         if key not in open_:
             open_[key], open_bytes[key] = [], 0
@@ -152,7 +158,8 @@ class GradBuckets:
     and ``after_step()`` after the optimizer step (instead of ``optimizer.zero_grad``).
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], grid: Grid, *, bucket_mb: float, zero: int) -> None:
+    def __init__(self, params: Sequence[nn.Parameter], grid: Grid, *, bucket_mb: float, zero: int,
+                 reduce_last: Sequence[nn.Parameter] = ()) -> None:
         check_options(bucket_mb, zero)
         self.grid = grid
         self.zero = zero
@@ -162,6 +169,7 @@ class GradBuckets:
         self._next = 0
         self._unused: list[nn.Parameter] | None = None
         self._cap = int(bucket_mb * 2**20)
+        self._last = {id(p) for p in reduce_last}
         self.reduced = [p for p in params if grad_axes(p) and grid.size(*grad_axes(p)) > 1]
         ids = {id(p) for p in self.reduced}
         self.local_params = [p for p in params if id(p) not in ids]
@@ -173,7 +181,7 @@ class GradBuckets:
         self._rebuild_in = None if zero else (2 if early else 1)
         self._arrival: list[nn.Parameter] = []
         order = self.reduced[::-1]
-        self.buckets = self._make_buckets(_plan(order, zero, self._cap))
+        self.buckets = self._make_buckets(_plan(order, zero, self._cap, self._last))
         for p in self.reduced:
             p.register_post_accumulate_grad_hook(self._on_grad)
         if zero:
@@ -214,7 +222,7 @@ class GradBuckets:
         stage = ("dp", "z", "y", "x")
         if self.grid.size(*stage) > 1:
             dist.broadcast(order, group=self.grid.group(*stage), group_src=0)
-        plan = _plan([self.reduced[i] for i in order.tolist()], self.zero, self._cap)
+        plan = _plan([self.reduced[i] for i in order.tolist()], self.zero, self._cap, self._last)
         self._arrival = []
         if [[id(p) for p in ps] for ps in plan] != [[id(p) for p in b.params] for b in self.buckets]:
             self.buckets = self._make_buckets(plan)
@@ -234,11 +242,6 @@ class GradBuckets:
             check_elementwise(optimizer)
 
     # --- accumulation ------------------------------------------------------------------------
-    @property
-    def accumulating(self) -> bool:
-        """Inside ``no_sync()``."""
-        return self._no_sync_depth > 0
-
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally and launch no collective."""
@@ -253,7 +256,7 @@ class GradBuckets:
         if self._rebuild_in and not bucket.seen[slot]:
             self._arrival.append(p)
         bucket.seen[slot] = True
-        if not self.sync or self._no_sync_depth:
+        if not self.sync or self._no_sync_depth or id(p) in self._last:
             return
         if bucket.arrived[slot]:
             raise RuntimeError(

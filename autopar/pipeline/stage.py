@@ -95,6 +95,10 @@ class Pipeline:
         # Set to [] to record (kind, chunk, mb, start, end) per action, start taken once its
         # receives have arrived, i.e. busy time only; host clock, so CPU runs only (bench/).
         self.timeline: list[tuple[str, int, int, float, float]] | None = None
+        # Called before every action that accumulates weight gradients, with True for the last
+        # such action of its chunk in the step: the engine lets the gradient buckets launch their
+        # reductions only then, so they overlap the rest of the schedule's backward work.
+        self.on_weight_grads: Callable[[bool], None] | None = None
         self.state_order = list(model.state_dict().keys())
         for i, module in enumerate(self.units.modules):
             module.forward = functools.partial(self._call_unit, i, module.forward)
@@ -166,6 +170,10 @@ class Pipeline:
         self.p2p = P2P(self.grid.group("pp"), self.grid.ranks("pp"), self.grid.device, self.chunks + 1,
                        self.m, max(len(k) for k in self.live))
         self.actions = build_schedule(self.schedule, self.pp, self.rank, self.m, self.v)
+        # Zero bubble accumulates weight gradients in W; the other schedules in B.
+        self.grad_kind = "W" if self.schedule == "zerobubble" else "B"
+        last = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == self.grad_kind}
+        self.final_grad_actions = set(last.values())
 
     def _chunk_of(self, pos: int) -> int:
         return next(c for c in range(self.chunks) if self.bounds[c] <= pos < self.bounds[c + 1])
@@ -261,6 +269,8 @@ class Pipeline:
             for ahead in self.actions[i:i + LOOKAHEAD]:
                 self._post_recv(ahead)
             self._ready = time.perf_counter()
+            if action.kind == self.grad_kind and self.on_weight_grads is not None:
+                self.on_weight_grads(i in self.final_grad_actions)
             if action.kind == "F":
                 self._forward(action, micros[action.mb])
             elif action.kind == "B":
