@@ -45,20 +45,24 @@ def grid_arg(text: str) -> dict[str, int]:
 
 
 def parser(doc: str, out: str, steps: int = 200, global_batch: int = 16, seq_len: int = 128, lr: float = 2e-3,
-           layers: int = 4, hidden: int = 128, heads: int = 4) -> argparse.ArgumentParser:
-    """The options every example takes; defaults per example. ``doc`` is the script's docstring."""
+           layers: int = 4, hidden: int = 128, heads: int = 4, grid: str = "",
+           microbatches: int = 1) -> argparse.ArgumentParser:
+    """The options every example takes; defaults per example. ``doc`` is the script's docstring.
+    ``grid``: the example's default grid, used when neither ``--grid`` nor AUTOPAR_GRID is given."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 epilog="\n\n".join(doc.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", type=grid_arg, default={},
+    fallback = grid or "all data parallel"
+    p.add_argument("--grid", type=grid_arg, default=None,
                    help="grid sizes, e.g. 'dp=4' or 'pp=2,x=2'; dp is inferred when left out "
-                        "(default: AUTOPAR_GRID, as set by `autopar run --grid`, else all data parallel)")
+                        f"(default: AUTOPAR_GRID, as set by `autopar run --grid`, else {fallback})")
+    p.set_defaults(default_grid=grid)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--global-batch", type=int, default=global_batch, help="samples per step, all ranks together")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sample")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=20, help="steps of linear learning-rate warm-up")
-    p.add_argument("--microbatches", type=int, default=1, help="microbatches per rank and step")
+    p.add_argument("--microbatches", type=int, default=microbatches, help="microbatches per rank and step")
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--heads", type=int, default=heads)
@@ -75,7 +79,16 @@ def init(args: argparse.Namespace) -> autopar.Grid:
     and the run folder."""
     if min(args.steps, args.global_batch, args.seq_len) < 1:
         raise SystemExit("--steps, --global-batch and --seq-len must be positive")
-    grid = autopar.init(**args.grid, seed=args.seed)
+    sizes = args.grid
+    if sizes is None:  # an empty dict makes autopar.init read AUTOPAR_GRID
+        sizes = {} if os.environ.get("AUTOPAR_GRID") or not args.default_grid else parse_grid(args.default_grid)
+    try:
+        grid = autopar.init(**sizes, seed=args.seed)
+    except ValueError as e:
+        if args.grid is None and sizes:
+            raise SystemExit(f"{e}\nThis example's default grid is {args.default_grid}; launch that many "
+                             "ranks (bash scripts/demo.sh) or pass --grid, e.g. --grid dp=1 for one process") from None
+        raise
     if "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe cores with N ranks per machine
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // grid.world_size))
     if grid.rank == 0:

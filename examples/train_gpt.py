@@ -5,12 +5,11 @@ The model comes from a config, the corpus ships in ``examples/data/``, and the t
 byte-level BPE built from that corpus on first use, so no download happens. The same script runs
 as one process or under any launcher, and the parallel layout is only a command-line flag:
 
-    python examples/train_gpt.py
-    autopar run -n 4 --grid pp=2,x=2 examples/train_gpt.py --microbatches 2
-    torchrun --nproc_per_node 4 examples/train_gpt.py --grid dp=4
-    mpirun -n 4 --oversubscribe python examples/train_gpt.py
-    srun -O -n 4 python examples/train_gpt.py --grid pp=2,x=2 --microbatches 2
-    torchrun --nproc_per_node 8 examples/train_gpt.py --grid pp=2,x=2,z=2 --microbatches 2
+    autopar run -n 8 examples/train_gpt.py          # the default 5D grid pp=2,dp=2,x=2
+    torchrun --nproc_per_node 8 examples/train_gpt.py --grid pp=2,y=2,z=2
+    mpirun -n 4 --oversubscribe python examples/train_gpt.py --grid dp=4
+    srun -O -n 4 python examples/train_gpt.py --grid pp=2,x=2
+    python examples/train_gpt.py --grid dp=1        # one process, the serial reference
 
 Every rank draws the same seeded global batch and trains on its ``autopar.shard_batch`` share, so
 a run on any grid follows the serial run. Rank 0 shows a progress bar and writes one CSV row per
@@ -29,4 +28,5 @@ def config(args, vocab: int, eos: int) -> GPT2Config:
 
 
 if __name__ == "__main__":
-    common.causal_lm_main(common.parser(__doc__, out="runs/gpt").parse_args(), "GPT-2", GPT2LMHeadModel, config)
+    args = common.parser(__doc__, out="runs/gpt", grid="pp=2,dp=2,x=2", microbatches=4).parse_args()
+    common.causal_lm_main(args, "GPT-2", GPT2LMHeadModel, config)

@@ -18,7 +18,7 @@ def test_train_gpt_two_steps(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "metrics.csv"
-    cmd = [sys.executable, str(ROOT / "examples" / "train_gpt.py"), "--steps", "2", "--global-batch", "2",
+    cmd = [sys.executable, str(ROOT / "examples" / "train_gpt.py"), "--grid", "dp=1", "--microbatches", "1", "--steps", "2", "--global-batch", "2",
            "--seq-len", "32", "--layers", "1", "--hidden", "32", "--heads", "2", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
