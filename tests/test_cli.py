@@ -80,6 +80,13 @@ def test_check_passes_on_a_grid():
     assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\[32, 96\]\s+\S+\s+\S+\s+yes", out), out
 
 
+def test_check_passes_for_bert_classification_on_a_pipeline():
+    """BERT's pooler slices its input: the pipeline's tracing pass used to trip over that."""
+    rc, out = run([*AUTOPAR, "check", "--model", "bert", "--grid", "pp=2", "--steps", "2"], clean_env(), timeout=400)
+    assert rc == 0, out
+    assert "PASS" in out and re.search(r"bert\.pooler\.dense\.weight\s+\[32, 32\]\s+\S+\s+\S+\s+yes", out), out
+
+
 def test_check_fails_beyond_tolerance_with_a_user_factory():
     """A user's plain model on dp=2 with zero tolerance: the sums of 2 ranks differ from serial in
     the last bits, so the table shows the errors and the exit code is non-zero."""

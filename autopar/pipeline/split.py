@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger("autopar")
@@ -191,6 +191,9 @@ class Tracer:
                 f"so it cannot live on a single stage; {_fix_hint()}")
         pos = len(flow.order)
         flow.deps.append(_sources((args, kwargs), self.leaf_keys, self.params))
+        # Detached inputs: a view of a grad-requiring leaf taken under no_grad (BERT's pooler
+        # slices its input) confuses the FLOP counter's module hooks, and no graph is needed here.
+        args, kwargs = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
         with torch.no_grad():
             out = forward(*args, **kwargs)
         now = self.counter.get_total_flops()
