@@ -1,12 +1,13 @@
 """autopar: train large PyTorch models on a pp x dp x z x y x x grid with no model changes."""
 from . import data
-from .checkpoint import CheckpointError, full_state_dict, load_checkpoint, save_checkpoint, save_pretrained
+from .checkpoint import (CheckpointError, from_pretrained, full_state_dict, load_checkpoint, save_checkpoint,
+                         save_pretrained)
 from .engine import Engine, parallelize
 from .intra_layer import auto_parallelize
 from .offload import memory_report
 from .runtime import Grid, current_grid, destroy, init, shard_batch
 
 __all__ = ["CheckpointError", "Engine", "Grid", "auto_parallelize", "current_grid", "data", "destroy",
-           "full_state_dict", "init", "load_checkpoint", "memory_report", "parallelize", "save_checkpoint",
+           "from_pretrained", "full_state_dict", "init", "load_checkpoint", "memory_report", "parallelize", "save_checkpoint",
            "save_pretrained", "shard_batch"]
 __version__ = "0.1.0"

@@ -230,6 +230,65 @@ def test_hf_export_untied_llama(ranks8, tmp_path):
     check_hf_export(str(tmp_path / "hf"), ranks8(export_llama, str(tmp_path / "hf"))[0])
 
 
+
+# --- from_pretrained: each rank reads only its slices ----------------------------------------------
+def _pretrained_models() -> dict[str, tuple]:
+    """name -> (model saved to the folder, class loaded from it). The BERT case loads a sequence
+    classifier from a masked-LM checkpoint: its pooler/classifier weights are absent."""
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(3)
+    return {
+        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=256, n_positions=16, n_embd=64, n_layer=2, n_head=4)), transformers.GPT2LMHeadModel),
+        "llama": (transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=256, num_key_value_heads=2, max_position_embeddings=16, **common)), transformers.LlamaForCausalLM),
+        "bert": (transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=256, max_position_embeddings=16, **common)), transformers.BertForSequenceClassification),
+    }
+
+
+def load_sliced(folder: str, grid: dict) -> dict:
+    autopar.init(**grid)
+    rank = autopar.current_grid().rank
+    out = {}
+    for name, (saved, cls) in _pretrained_models().items():
+        path = os.path.join(folder, name)
+        if rank == 0:
+            saved.save_pretrained(path, max_shard_size="100KB")  # several files, with an index
+        torch.distributed.barrier()
+        model = autopar.from_pretrained(cls, path)
+        report = model._autopar_load_report
+        full = autopar.full_state_dict(model)
+        serial = cls.from_pretrained(path).eval()
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got, ref = model.eval()(input_ids=ids).logits, serial(input_ids=ids).logits
+        loaded = [k for k in serial.state_dict() if k not in report.initialised]
+        for k in loaded:
+            assert torch.equal(full[k], serial.state_dict()[k]), f"{name}: {k} differs from transformers' load"
+        if report.initialised:  # fresh head: HF's init (std 0.02, zero bias), identical on every rank
+            w = full["classifier.weight"]
+            assert 0.01 < w.std() < 0.03 and not full["classifier.bias"].any()
+            ws = [None] * autopar.current_grid().world_size
+            torch.distributed.all_gather_object(ws, w)
+            assert all(torch.equal(w, other) for other in ws)
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        out[name] = (report.read_bytes / report.file_bytes, sorted(report.initialised))
+    autopar.destroy()
+    return out
+
+
+def test_from_pretrained_reads_only_local_slices(ranks8, tmp_path):
+    """x=2, y=2, z=2: each sharded weight is read as its (y, x) block, and of that only the rows
+    holding the rank's 1/z piece; ~1/8 of the files plus the replicated norms and biases."""
+    for rank_result in ranks8(load_sliced, str(tmp_path), dict(x=2, y=2, z=2)):
+        for name, (fraction, initialised) in rank_result.items():
+            assert fraction < 0.2, (name, fraction)
+            assert initialised == (["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias",
+                                    "classifier.weight"] if name == "bert" else []), (name, initialised)
+
+
 # --- atomicity: a save killed midway ---------------------------------------------------------------
 KILLED_SAVE = textwrap.dedent("""
     import os, sys

@@ -8,8 +8,9 @@ from .full_state import full_state_dict
 from .hf import save_pretrained
 from .local import remember_aliases
 from .load import load_checkpoint
+from .pretrained import from_pretrained
 from .save import PendingSave, save_checkpoint
 from .storage import CheckpointError
 
-__all__ = ["CheckpointError", "PendingSave", "full_state_dict", "load_checkpoint", "remember_aliases", "save_checkpoint",
-           "save_pretrained"]
+__all__ = ["CheckpointError", "PendingSave", "from_pretrained", "full_state_dict", "load_checkpoint", "remember_aliases",
+           "save_checkpoint", "save_pretrained"]
