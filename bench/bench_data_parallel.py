@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import autopar
+from comm_count import ByteCounter  # bench/ is on sys.path: the scripts run as files
 
 
 def _model(width: int, layers: int) -> torch.nn.Sequential:
@@ -71,36 +72,6 @@ def _time_interleaved(steps: dict[str, Callable[[int], None]], args: argparse.Na
             step(args.warmup + i)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-class ByteCounter:
-    """Wraps the collectives the data-parallel code calls and adds up the ring bytes each rank
-    sends. Installed by replacing the ``torch.distributed`` attributes, so it sees every call."""
-
-    NAMES = ("all_reduce", "reduce_scatter_single", "all_gather_single")
-
-    def __init__(self) -> None:
-        self.sent = 0.0
-        self._real = {name: getattr(dist, name) for name in self.NAMES}
-
-    def __enter__(self) -> "ByteCounter":
-        def counted(name: str) -> Callable:
-            real = self._real[name]
-
-            def call(*a, group=None, **kw):
-                n = dist.get_world_size(group)
-                big = a[0] if name != "reduce_scatter_single" else a[1]  # the full-size tensor
-                factor = 2 * (n - 1) / n if name == "all_reduce" else (n - 1) / n
-                self.sent += factor * big.numel() * big.element_size()
-                return real(*a, group=group, **kw)
-            return call
-        for name in self.NAMES:
-            setattr(dist, name, counted(name))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, real in self._real.items():
-            setattr(dist, name, real)
 
 
 def _plain_step(model: torch.nn.Module, rank_batch: Callable, global_loss: bool = False) -> Callable[[int], None]:

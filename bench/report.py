@@ -26,6 +26,7 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_pipeline": "Pipeline parallelism vs torch.distributed.pipelining",
     "bench_data_parallel": "Data parallelism vs DDP",
     "bench_offload": "CPU offload vs torch's fused AdamW",
+    "bench_composition": "The 5D composition: memory and communication per rank",
 }
 
 
