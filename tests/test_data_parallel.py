@@ -79,6 +79,10 @@ def check_grid_equals_serial(grid_kwargs):
                     padded = sum(b.numel for b in engine.dp.buckets)
                     assert state_numel * n == 2 * padded, (state_numel, padded, n)
                     assert padded - ref_state_numel // 2 < n * len(engine.dp.buckets)  # padding only
+                    # memory_report shows what the rank holds, not the optimizer's flat shards
+                    report = autopar.memory_report(engine).on_device
+                    assert report["parameters"] == 4 * ref_state_numel // 2
+                    assert report["gradients"] == 4 * (padded + (padded // n if zero == 2 else 0))
                 else:
                     assert state_numel == ref_state_numel
                 results.append((clip, microbatches, zero, losses))

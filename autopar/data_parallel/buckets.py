@@ -236,6 +236,16 @@ class GradBuckets:
             return self.params
         return [b.shard_param for b in self.buckets] + self.local_params
 
+    def held_grad_bytes(self) -> int:
+        """Gradient bytes this rank holds at the end of backward: every bucket at full size (the
+        reduction happens in place; zero=2 adds the reduced shard), plus the gradients of the
+        parameters that are not reduced. Under ZeRO the optimizer sees only the shards, so this,
+        not the optimizer's view, is what ``memory_report`` shows."""
+        full = sum(b.numel * b.params[0].element_size() for b in self.buckets)
+        shards = sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets
+                     if self.zero == 2 and b.shard_grad is not None)
+        return full + shards + sum(p.numel() * p.element_size() for p in self.local_params if p.requires_grad)
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """ZeRO steps flat slices of several tensors: only elementwise optimizers are exact."""
         if self.zero:

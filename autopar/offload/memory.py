@@ -120,6 +120,10 @@ def memory_report(engine: Any, all_ranks: bool = False) -> MemoryReport | list[M
     ``all_ranks=True`` gathers every rank's report (a collective: call it on every rank)."""
     grid = engine.grid
     table = engine.stepper.memory()
+    if engine.zero:  # the stepper only sees the flat shards; the rank still holds every full
+        # parameter (the shards are views into it) and every gradient bucket
+        table["device"]["parameters"] = sum(p.numel() * p.element_size() for p in engine.params)
+        table["device"]["gradients"] = engine.dp.held_grad_bytes()
     peak = torch.cuda.max_memory_allocated(grid.device) if grid.device.type == "cuda" else None
     report = MemoryReport(rank=grid.rank, device=str(grid.device), offload=engine.offload,
                           on_device={**table["device"], "activations": engine.activation_meter.peak},
