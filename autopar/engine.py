@@ -21,10 +21,12 @@ from torch import nn
 
 from .checkpoint import remember_aliases
 from .data_parallel import GradBuckets, check_options
+from .intra_layer.autochain import layout_pending
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
 from .runtime.params import clip_grad_norm_
+from .runtime.precision import Precision, check_precision, drop_grads
 from .runtime.state import current_grid
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zerobubble")
@@ -54,7 +56,7 @@ class Engine:
                  clip_grad_norm: float | None, virtual_stages: int = 1,
                  split_points: Sequence[str] | None = None,
                  recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
-                 zero: int = 0) -> None:
+                 zero: int = 0, precision: str = "fp32") -> None:
         self.grid = current_grid()
         remember_aliases(model)  # checkpoints name tied weights as the serial model does
         self.model = model.to(self.grid.device)
@@ -75,34 +77,44 @@ class Engine:
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.step_count = 0
-        # Called once the optimizer exists (pp > 1: in the first step), e.g. to load its state.
+        # Called once the optimizer exists and its parameters' layout is final (after the first
+        # forward when that still splits the pipeline or chains layers), e.g. to load its state.
         self.on_optimizer: list[Callable[[], None]] = []
         # Each microbatch's local mean loss stands for 1/(M*dp*z) of the global mean.
         self._loss_scale = 1.0 / (num_microbatches * self.grid.batch_shards)
+        # Forward (model call + loss) under autocast; fp16 also scales the loss's gradient.
+        self.precision = Precision(precision, self.grid)
+        self.loss_scaler = self.precision.scaler  # fp16 only: .scale, .skipped_steps
+        self._call = self.precision.wrap_call(_call_model)
+        self._forward_loss = self.precision.wrap_loss(self._loss)
         self.pipeline: Pipeline | None = None
         self._optimizer_factory = optimizer
         self.bucket_mb = bucket_mb
         self.zero = zero
         self.dp: GradBuckets | None = None
         self._accumulated = 0  # step calls made inside no_sync() since the last optimizer step
+        self._no_sync_depth = 0
+        self._layout_pending = True
         if self.grid.sizes["pp"] > 1:
             # The split needs one traced forward, so the stage's parameters (and the optimizer
             # over them) only exist after the first step.
             self.pipeline = Pipeline(self.model, self.grid, schedule=schedule, num_microbatches=num_microbatches,
                                      virtual_stages=virtual_stages, split_points=split_points,
-                                     recompute=recompute, call=_call_model,
-                                     loss=self._loss, loss_scale=self._loss_scale)
+                                     recompute=recompute, call=self._call,
+                                     loss=self._forward_loss, loss_scale=self._loss_scale)
             self.params: list[nn.Parameter] = []
             self.optimizer: torch.optim.Optimizer | None = None
         else:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = self._make_optimizer(self.params)
+            self._layout_pending = layout_pending(self.model)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Gradient buckets over ``params``, then the user's optimizer, built by the stepper that
         owns the step for ``offload``, over what the buckets leave this rank to step (its ZeRO
         shards, or the parameters themselves)."""
-        self.dp = GradBuckets(params, self.grid, bucket_mb=self.bucket_mb, zero=self.zero)
+        tied = [p for _, ps in self.pipeline.tied for p in ps] if self.pipeline is not None else []
+        self.dp = GradBuckets(params, self.grid, bucket_mb=self.bucket_mb, zero=self.zero, reduce_last=tied)
         self.stepper = build_stepper(self._optimizer_factory, self.dp.optimizer_params, self.offload, self.grid)
         self.dp.check_optimizer(self.stepper.optimizer)
         return self.stepper.optimizer
@@ -121,23 +133,41 @@ class Engine:
         the microbatch losses (detached, on device) without syncing gradients."""
         batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
         if self.pipeline is not None:
-            if self.dp is not None:  # every bucket is reduced in finish(), after the schedule
-                self.dp.sync = False
-            total = self.pipeline.run(batch)
-            if self.optimizer is None:
+            with self.dp.no_sync() if self._no_sync_depth and self.dp is not None else contextlib.nullcontext():
+                total = self.pipeline.run(batch)
+            if self.optimizer is None:  # the first step made the stages: their gradients are reduced in finish()
                 self.params = self.pipeline.params
                 self.optimizer = self._make_optimizer(self.params)
-                for callback in self.on_optimizer:
-                    callback()
-                self.on_optimizer.clear()
+                self.pipeline.on_weight_grads = self._set_sync
             return total
         total = torch.zeros((), device=self.grid.device)
-        for i, micro in enumerate(split_batch(batch, self.num_microbatches, "microbatches")):
-            loss = self._loss(_call_model(self.model, micro), micro)
-            self.dp.sync = i == self.num_microbatches - 1  # only the last backward reduces
-            (loss * self._loss_scale).backward()
-            total += loss.detach().float()
+        with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
+            for i, micro in enumerate(split_batch(batch, self.num_microbatches, "microbatches")):
+                loss = self._forward_loss(self._call(self.model, micro), micro)
+                self._set_sync(i == self.num_microbatches - 1)  # only the last backward reduces
+                (loss * self._loss_scale).backward()
+                total += loss.detach().float()
         return total
+
+    @property
+    def layout_final(self) -> bool:
+        """False until the first forward has fixed what this rank holds: the pipeline split
+        (pp > 1), or the layers ``auto_parallelize`` chains (``intra_layer.autochain``), whose
+        re-layout rewrites weight values in place. Anything that copies weights or loads state
+        per parameter waits for it (``on_optimizer``)."""
+        return self.optimizer is not None and not self._layout_pending
+
+    def _finish_layout(self) -> None:
+        self._layout_pending = False
+        self.stepper.pull_params()  # host master weights (offload="optimizer+step") were copied before
+        for callback in self.on_optimizer:
+            callback()
+        self.on_optimizer.clear()
+
+    def _set_sync(self, final: bool) -> None:
+        """Before a backward: whether it is the last to add to its parameters' gradients in
+        this step, so that complete gradient buckets may start their reduction."""
+        self.dp.sync = final
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -145,10 +175,13 @@ class Engine:
         only, keeps the gradients and returns its batch's global mean loss. The first ``step``
         after the block reduces and applies the mean gradient of all k calls: one serial step on
         their batches put together (equal batch sizes)."""
-        if self.pipeline is not None:
-            raise NotImplementedError("no_sync() with pp > 1: use num_microbatches to accumulate inside one step")
-        with self.dp.no_sync():
+        # The engine keeps the depth itself: with pp > 1 the gradient buckets only exist after
+        # the first step, which may well run inside this block.
+        self._no_sync_depth += 1
+        try:
             yield
+        finally:
+            self._no_sync_depth -= 1
 
     def step(self, batch: Any) -> float:
         """One training step on this rank's share of the global batch (``autopar.shard_batch``).
@@ -156,16 +189,22 @@ class Engine:
         self.model.train()
         with self.activation_meter:  # measures the first step only (memory_report)
             total = self.forward_backward(batch)
-        if self.dp.accumulating:
+        if not self.layout_final:
+            self._finish_layout()
+        if self._no_sync_depth:
             self._accumulated += 1
             return self._global_loss(total)
         if self.pipeline is not None:  # before the dp reduction, which may scatter ZeRO shards
             self.pipeline.sync_tied_grads()
         self.dp.finish(mean_of=self._accumulated + 1)
         self._accumulated = 0
-        if self.clip_grad_norm is not None:
-            clip_grad_norm_(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
-        self.stepper.step()  # also clears the gradients
+        # fp16: unscale before clipping; an overflow anywhere skips the step on every rank.
+        if self.loss_scaler is not None and self.loss_scaler.unscale_and_update(self.dp.optimizer_params):
+            drop_grads(self.dp.optimizer_params)
+        else:
+            if self.clip_grad_norm is not None:
+                clip_grad_norm_(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
+            self.stepper.step()  # also clears the gradients
         self.dp.after_step()
         self.step_count += 1
         self.activation_meter.enabled = False
@@ -184,7 +223,7 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
                 loss_fn: LossFn | None = None, clip_grad_norm: float | None = None,
                 virtual_stages: int = 1, split_points: Sequence[str] | None = None,
                 recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
-                zero: int = 0) -> Engine:
+                zero: int = 0, precision: str = "fp32") -> Engine:
     """Wrap ``model`` for training on the current grid.
 
     ``optimizer`` is a factory called with this rank's parameters (they may be shards).
@@ -199,6 +238,9 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     ``bucket_mb``: size of the gradient buckets whose reduction overlaps backward.
     ``zero``: 1 shards the optimizer state over the data-parallel replicas, 2 the reduced
     gradients as well; needs an elementwise optimizer (see ``autopar.data_parallel.zero``).
+    ``precision``: "fp32"; "bf16" (forward under bf16 autocast); "fp16" (fp16 autocast and dynamic
+    loss scaling, ``engine.loss_scaler``: overflowing steps are skipped on every rank). Weights,
+    gradients, their reduction and the optimizer stay fp32 (``autopar.runtime.precision``).
     """
     grid = current_grid()
     if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
@@ -215,8 +257,9 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     if clip_grad_norm is not None and clip_grad_norm <= 0:
         raise ValueError(f"clip_grad_norm must be positive, got {clip_grad_norm}")
     check_options(bucket_mb, zero)
+    check_precision(precision)
     return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
                   offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
                   virtual_stages=virtual_stages, split_points=split_points,
                   recompute=recompute,
-                  bucket_mb=bucket_mb, zero=zero)
+                  bucket_mb=bucket_mb, zero=zero, precision=precision)

@@ -5,8 +5,11 @@
 Spawns ``--ranks`` gloo processes on this machine and prints three tables (rank 0):
 
 1. bytes each rank sends per training step inside the layers (counted by wrapping the
-   collectives, ``intra_layer.comm.COUNTER``), in the default full-feature layout and in the
-   sharded layout (``chain``), next to the analytic volume of the 3D parallel matmul with
+   collectives, ``intra_layer.comm.COUNTER``, on the second step: the first one is where the
+   automatic layout is chosen), in the default full-feature layout
+   (``auto_parallelize(chain=False)``), with the automatic detection (``chain=True``, the
+   default: it proves up -> GELU -> down, not attention), and with every pair chained by hand
+   (``chain``, q/k/v -> o too), next to the analytic volume of the 3D parallel matmul with
    sharded activations for the same grid: the ratios are the cost of the re-layouts and what
    chaining saves;
 2. the time of one training step against PyTorch's own tensor parallelism (DTensor
@@ -88,17 +91,21 @@ def chain_blocks(model: nn.Module) -> None:
         chain([block.up], block.down)
 
 
-def run_autopar(grid: tuple[int, int, int], chained: bool, args, data: torch.Tensor) -> dict:
+LAYOUTS = ("default", "auto", "sharded")  # chain=False, chain=True (automatic), chained by hand
+
+
+def run_autopar(grid: tuple[int, int, int], layout: str, args, data: torch.Tensor) -> dict:
     x, y, z = grid
     autopar.init(x=x, y=y, z=z)
     torch.manual_seed(0)
-    with autopar.auto_parallelize():
+    with autopar.auto_parallelize(chain=layout == "auto"):
         model = build(args.hidden)
-    if chained:
+    if layout == "sharded":
         chain_blocks(model)
     engine = autopar.parallelize(model, lambda p: torch.optim.AdamW(p, lr=1e-3),
                                  loss_fn=lambda out, batch: out.square().mean())
     local = autopar.shard_batch(data)
+    engine.step(local)  # the automatic detection observes (and replays) the first forward
     COUNTER.reset()
     COUNTER.enabled = True
     engine.step(local)
@@ -143,32 +150,33 @@ def worker(rank: int, world: int, port: int, args) -> None:
     data = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(0))
     grids = [g for g in [(world, 1, 1), (1, world, 1), (1, 1, world), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
              if g[0] * g[1] * g[2] == world]
-    results = {(g, chained): run_autopar(g, chained, args, data) for g in grids for chained in (False, True)}
+    results = {(g, layout): run_autopar(g, layout, args, data) for g in grids for layout in LAYOUTS}
     dtensor = run_dtensor(args, data)
     serial_params = sum(p.numel() * 4 for p in build(args.hidden).parameters())
     if rank == 0:
         print(f"\nmodel: 2 pre-norm blocks, hidden {args.hidden}, global batch {args.batch}x{args.seq} tokens, "
               f"{world} gloo ranks on CPU, fp32\n")
-        print("1. intra-layer communication per rank per step (MB): default full-feature layout, sharded")
-        print("   layout (q/k/v->o, up->down chained), analytic 3D matmul with sharded activations")
-        print(f"{'grid (x,y,z)':>14} {'default':>9} {'sharded':>9} {'analytic':>9} "
-              f"{'default/an':>11} {'sharded/an':>11}")
+        print("1. intra-layer communication per rank per step (MB): default full-feature layout, automatic")
+        print("   detection (up->down found), sharded layout by hand (q/k/v->o, up->down), analytic 3D")
+        print("   matmul with sharded activations")
+        print(f"{'grid (x,y,z)':>14} {'default':>9} {'auto':>9} {'sharded':>9} {'analytic':>9} "
+              f"{'default/an':>11} {'auto/an':>8} {'sharded/an':>11}")
         for g in grids:
-            d, c = results[g, False], results[g, True]
+            d, a, c = (results[g, layout] for layout in LAYOUTS)
             an = max(d['analytic'], 1)
-            print(f"{str(g):>14} {d['measured'] / 1e6:9.3f} {c['measured'] / 1e6:9.3f} {an / 1e6:9.3f} "
-                  f"{d['measured'] / an:11.2f} {c['measured'] / an:11.2f}")
+            print(f"{str(g):>14} {d['measured'] / 1e6:9.3f} {a['measured'] / 1e6:9.3f} {c['measured'] / 1e6:9.3f} "
+                  f"{an / 1e6:9.3f} {d['measured'] / an:11.2f} {a['measured'] / an:8.2f} {c['measured'] / an:11.2f}")
         print(f"\n2. step time (AdamW, {args.steps} steps after 2 warm-up)")
         print(f"{'run':>32} {'ms/step':>9} {'vs DTensor':>11}")
         print(f"{'DTensor col/row TP=' + str(world):>32} {dtensor * 1e3:9.1f} {1.0:11.2f}")
-        for (g, chained), r in results.items():
-            name = f"autopar {g} {'sharded' if chained else 'default'}"
+        for (g, layout), r in results.items():
+            name = f"autopar {g} {layout}"
             print(f"{name:>32} {r['seconds'] * 1e3:9.1f} {r['seconds'] / dtensor:11.2f}")
         print("\n3. bytes per rank (params = grads; AdamW state = exp_avg + exp_avg_sq)")
         ideal = serial_params / world
         print(f"{'grid (x,y,z)':>14} {'params MB':>10} {'grads MB':>9} {'AdamW MB':>9} {'ideal MB':>9} {'x ideal':>8}")
         for g in grids:
-            r = results[g, False]
+            r = results[g, "default"]
             print(f"{str(g):>14} {r['params'] / 1e6:10.3f} {r['params'] / 1e6:9.3f} {r['state'] / 1e6:9.3f} "
                   f"{ideal / 1e6:9.3f} {r['params'] / ideal:8.3f}")
         print(f"(serial model: {serial_params / 1e6:.3f} MB of parameters)")

@@ -25,6 +25,27 @@ class MLP(nn.Module):
         return self.head(self.down(torch.relu(self.up(self.emb(ids)))))
 
 
+class Unchainable(nn.Module):
+    """Layers that follow each other but must keep the full-feature layout: ``up``'s output also
+    feeds a residual, a LayerNorm (mixes features) sits between ``fc`` and ``proj``, ``gate``'s
+    output is cut in two along the features; every other output goes into a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 16)
+        self.up, self.down = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.fc, self.norm, self.proj = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16)
+        self.gate, self.out = nn.Linear(16, 32), nn.Linear(16, 16)
+        self.head = nn.Linear(16, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.emb(ids))
+        h = self.down(torch.relu(h)) + h
+        h = h + self.proj(self.norm(self.fc(h)))
+        a, b = self.gate(h).chunk(2, dim=-1)
+        return self.head(h + self.out(a * torch.sigmoid(b)))
+
+
 def sequential() -> nn.Module:
     return nn.Sequential(nn.Embedding(V, 16), nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16), nn.Tanh(),
                          nn.Linear(16, V))
@@ -74,8 +95,8 @@ def gpt_neo() -> nn.Module:
                                                 bos_token_id=0, eos_token_id=0))
 
 
-BUILDERS = {"mlp": MLP, "sequential": sequential, "gpt2": gpt2, "llama": llama, "opt": opt, "bert": bert,
-            "vit": vit, "gpt_neo": gpt_neo}
+BUILDERS = {"mlp": MLP, "sequential": sequential, "unchainable": Unchainable, "gpt2": gpt2, "llama": llama,
+            "opt": opt, "bert": bert, "vit": vit, "gpt_neo": gpt_neo}
 
 
 def lm_loss(output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -88,7 +109,7 @@ def batch(name: str, n: int = 8, seq: int = 6):
     if name == "vit":
         return {"pixel_values": torch.randn(n, 3, 8, 8, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
     ids = torch.randint(0, V, (n, seq), generator=g)
-    if name in ("mlp", "sequential"):
+    if name in ("mlp", "sequential", "unchainable"):
         return ids, torch.randint(0, V, (n, seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 

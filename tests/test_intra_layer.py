@@ -28,11 +28,11 @@ OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
               "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-5, weight_decay=0.01)}
 
 
-def _build(name: str, parallel: bool, seed: int = 1) -> nn.Module:
+def _build(name: str, parallel: bool, seed: int = 1, chain: bool = True) -> nn.Module:
     torch.manual_seed(seed)
     if not parallel:
         return models.BUILDERS[name]()
-    with autopar.auto_parallelize():
+    with autopar.auto_parallelize(chain=chain):
         return models.BUILDERS[name]()
 
 
@@ -46,15 +46,17 @@ def _assert_state_equal(par: nn.Module, ser: nn.Module, exact: bool) -> None:
             torch.testing.assert_close(full[k], v, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def _train(name: str, opt: str, clip: float | None, chained: bool = False) -> list[tuple[float, float]]:
-    """Build both models, check init, run 3 steps on both; returns (parallel, serial) losses.
-    ``chained``: use the sharded layout between consecutive layers."""
+def _train(name: str, opt: str, clip: float | None,
+           chained: bool = False) -> tuple[list[tuple[float, float]], nn.Module]:
+    """Build both models, check init, run 3 steps on both; returns (parallel, serial) losses and
+    the parallel model. ``chained``: the sharded layout between consecutive layers set by hand
+    (else, as by default, the automatic detection picks it at the first forward)."""
     ser, par = _build(name, False), _build(name, True)
     if chained:
         models.chain_layers(name, par)
     _assert_state_equal(par, ser, exact=True)
     data = models.batch(name)
-    loss_fn = models.lm_loss if name in ("mlp", "sequential") else None
+    loss_fn = models.lm_loss if name in ("mlp", "sequential", "unchainable") else None
     engine = autopar.parallelize(par, OPTIMIZERS[opt], loss_fn=loss_fn, clip_grad_norm=clip)
     serial_opt = OPTIMIZERS[opt](ser.parameters())
     losses = []
@@ -71,7 +73,7 @@ def _train(name: str, opt: str, clip: float | None, chained: bool = False) -> li
         losses.append((loss, ref.item()))
     torch.testing.assert_close(torch.tensor([p for p, _ in losses]), torch.tensor([s for _, s in losses]))
     _assert_state_equal(par, ser, exact=False)
-    return losses
+    return losses, par
 
 
 def train_on_grids(name: str, runs: list[tuple[tuple[int, int, int], str, float | None]],
@@ -134,25 +136,74 @@ def chain_saves_communication():
 
     autopar.init(x=2, y=2, z=2)
     volume = []
-    for chained in (False, True):
-        model = _build("mlp", True)
-        if chained:
+    for layout in ("default", "by hand", "automatic"):
+        model = _build("mlp", True, chain=layout == "automatic")
+        if layout == "by hand":
             models.chain_layers("mlp", model)
         ids = autopar.shard_batch(models.batch("mlp")[0])
+        model(ids).sum().backward()  # the first forward is where the automatic layout is chosen
         COUNTER.reset()
         COUNTER.enabled = True
         model(ids).sum().backward()
         COUNTER.enabled = False
         volume.append(dict(COUNTER.bytes))
+        assert model.up.out_sharded == model.down.in_sharded == (layout != "default")
     return volume
 
 
 def test_sharded_layout_skips_the_relayout(pool8):
-    default, chained = pool8.run(chain_saves_communication)[0]
+    default, chained, automatic = pool8.run(chain_saves_communication)[0]
     # Gone: the forward all-gather of up's output over y and the backward all-gather of down's
     # input gradient over x, each (tokens x 32) fp32 over 2 ranks; the rest only swaps axes.
     tokens = 8 // 2 * 6  # batch 8 over dp*z = 2, sequence 6
     assert sum(default.values()) - sum(chained.values()) == pytest.approx(2 * 4 * tokens * 32 / 2)
+    assert automatic == chained  # the detection finds the same chain (down -> head: down is taken)
+
+
+# (model, grid, optimizer, clip) trained with the automatic layout; which layers must be chained.
+AUTO_RUNS = [("sequential", (2, 2, 1), "adamw", 0.5), ("sequential", (2, 2, 2), "sgd", None),
+             ("llama", (2, 2, 1), "sgd", 0.05), ("llama", (2, 2, 2), "adamw", 0.5),
+             ("unchainable", (2, 2, 2), "adamw", 0.5), ("unchainable", (2, 1, 1), "sgd", None)]
+
+
+def _chained_layers(model: nn.Module) -> dict[str, str]:
+    from autopar.intra_layer import ShardedModule
+
+    return {name: ("in" if m.in_sharded else "") + ("out" if m.out_sharded else "")
+            for name, m in model.named_modules() if isinstance(m, ShardedModule) and (m.in_sharded or m.out_sharded)}
+
+
+def automatic_chains():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("autopar").addHandler(handler)
+    found = []
+    try:
+        for name, (x, y, z), opt, clip in AUTO_RUNS:
+            autopar.init(x=x, y=y, z=z)
+            try:
+                found.append(_chained_layers(_train(name, opt, clip)[1]))
+            except AssertionError as e:
+                raise AssertionError(f"{name} on x={x} y={y} z={z}: {e}") from e
+            finally:
+                autopar.destroy()
+    finally:
+        logging.getLogger("autopar").removeHandler(handler)
+    return found, [r.getMessage() for r in records if "chain(s)" in r.getMessage()]
+
+
+def test_automatic_sharded_layout_equals_serial(pool8):
+    results = pool8.run(automatic_chains, timeout=600)
+    found, logs = results[0]
+    assert all(f == found for f, _ in results)
+    mlp = {"1": "out", "3": "in"}  # Linear -> GELU -> Linear; 3 -> Tanh -> 5 is left: 3 is taken
+    llama = {f"model.layers.{i}.mlp.{p}": r for i in range(2)
+             for p, r in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in"))}  # not q/k/v -> o
+    assert found == [mlp, mlp, llama, llama, {}, {}]
+    assert len(logs) == 4 and "model.layers.0.mlp.gate_proj + model.layers.0.mlp.up_proj -> " \
+                                "model.layers.0.mlp.down_proj" in logs[2]
+    assert all(not r[1] for r in results[1:])  # logged by rank 0 only
 
 
 class Reversed(nn.Module):

@@ -142,9 +142,10 @@ def _load_optimizer(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> 
 def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint saved under any grid into ``engine`` (or a plain ``nn.Module``) on the
     current grid; returns the ``extra`` dict it was saved with. Collective: call on every rank.
-    Each rank reads only the stored ranges that overlap what it holds. With pp > 1 before the
-    first step the optimizer does not exist yet: its state is read when the first step builds it,
-    so leave the checkpoint in place until then."""
+    Each rank reads only the stored ranges that overlap what it holds. Before the first step the
+    optimizer may not exist yet (pp > 1), or the first forward may still re-lay out weights
+    (``Engine.layout_final``): then its state is read by the first step, after its forward, so
+    leave the checkpoint in place until then. Errors of that read are raised on every rank too."""
     wait_for_pending(engine)
     ranks, path = Ranks(), os.fspath(path)
     model = model_of(engine)
@@ -156,7 +157,9 @@ def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
         _check_model(index, model, tensors)
         reader = _Reader(root, index)
         regions = {name: local_region(t, ranks.coords) for name, t in tensors.items()}
-        optimizer = getattr(engine, "optimizer", None)
+        # The first forward may still change which piece of each weight this rank holds (the
+        # pipeline split, chained layers): optimizer state waits for it (``on_optimizer``).
+        optimizer = getattr(engine, "optimizer", None) if getattr(engine, "layout_final", True) else None
         targets = [(f"model/{n}", r) for n, r in regions.items()]
         if optimizer is not None:
             targets += _optimizer_targets(index, optimizer_params(engine, ranks.coords))
@@ -169,7 +172,7 @@ def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
             if optimizer is not None:
                 _load_optimizer(engine, reader, ranks.coords)
         if optimizer is None and hasattr(engine, "optimizer"):
-            engine.on_optimizer.append(lambda: _load_optimizer_from(engine, _Reader(root, index), ranks.coords))
+            engine.on_optimizer.append(lambda: _load_optimizer_from(engine, _Reader(root, index), ranks))
         if hasattr(engine, "step_count"):
             engine.step_count = index["step"]
         same_grid = index["grid"] == ranks.sizes
@@ -181,7 +184,12 @@ def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
     return extra
 
 
-def _load_optimizer_from(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> None:
-    """Deferred optimizer load of a pipeline engine, run by its first step (``on_optimizer``)."""
-    with reader.files, torch.no_grad():
-        _load_optimizer(engine, reader, coords)
+def _load_optimizer_from(engine: Any, reader: _Reader, ranks: Ranks) -> None:
+    """Deferred optimizer load, run by the engine's first step on every rank (``on_optimizer``)."""
+    error = None
+    try:
+        with reader.files, torch.no_grad():
+            _load_optimizer(engine, reader, ranks.coords)
+    except Exception as e:  # noqa: BLE001 - agreed on below
+        error = e
+    ranks.agree(error)

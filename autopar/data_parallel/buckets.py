@@ -36,7 +36,11 @@ gradient must first be summed over those stages) go into buckets of their own at
 order, launched by ``finish()`` only.
 
 ZeRO (``zero=1`` / ``zero=2``) keeps this layout and shards the optimizer over each bucket's
-group; see ``zero.py``.
+group; see ``zero.py``. Under ``zero=2`` a bucket's flat buffer only exists while it is reduced:
+autograd accumulates into ordinary ``.grad`` tensors, a complete bucket copies them into a fresh
+buffer (freeing them) and reduce-scatters it, and at most ``ZERO2_IN_FLIGHT`` buffers are alive
+at once (launching one more first waits for the oldest and frees it). So gradient memory after
+the last backward is the 1/n shards, not the full gradients.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from ..runtime.params import grad_axes, is_norm_duplicate, shard_axes
 from .zero import check_elementwise, gather_params, shard_buckets
 
 ZERO_STAGES = (0, 1, 2)
+ZERO2_IN_FLIGHT = 2
 
 
 def check_options(bucket_mb: float, zero: int) -> None:
@@ -111,6 +116,12 @@ class Bucket:
         if self.shard_param is not None:
             self.shard_param.grad = self.shard_grad
 
+    def attach_grads_to_shard(self) -> None:
+        """zero=2 between steps: no full buffer; the optimizer's shard gradient stays wired."""
+        for p in self.params:
+            p.grad = None
+        self.shard_param.grad = self.shard_grad
+
     def reset(self) -> None:
         self.seen = [False] * len(self.params)
         self.arrived = [False] * len(self.params)
@@ -167,6 +178,7 @@ class GradBuckets:
         self.sync = True
         self._no_sync_depth = 0
         self._next = 0
+        self._in_flight: list[Bucket] = []  # zero=2: launched, buffer not yet freed
         self._unused: list[nn.Parameter] | None = None
         self._cap = int(bucket_mb * 2**20)
         self._last = {id(p) for p in reduce_last}
@@ -241,7 +253,9 @@ class GradBuckets:
         reduction happens in place; zero=2 adds the reduced shard), plus the gradients of the
         parameters that are not reduced. Under ZeRO the optimizer sees only the shards, so this,
         not the optimizer's view, is what ``memory_report`` shows."""
-        full = sum(b.numel * b.params[0].element_size() for b in self.buckets)
+        sizes = sorted(b.numel * b.params[0].element_size() for b in self.buckets)
+        # zero=2: a bound, the largest buckets in flight plus one being filled
+        full = sum(sizes[-(ZERO2_IN_FLIGHT + 1):] if self.zero == 2 else sizes)
         shards = sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets
                      if self.zero == 2 and b.shard_grad is not None)
         return full + shards + sum(p.numel() * p.element_size() for p in self.local_params if p.requires_grad)
@@ -281,11 +295,35 @@ class GradBuckets:
 
     def _launch(self, bucket: Bucket) -> None:
         if self.zero == 2:
+            self._fill(bucket)
+            self._in_flight.append(bucket)
+            if len(self._in_flight) > ZERO2_IN_FLIGHT:
+                self._release(self._in_flight.pop(0))
             bucket.handle = dist.reduce_scatter_single(bucket.shard_grad, bucket.grad, group=bucket.group,
                                                        async_op=True)
         else:
             bucket.handle = dist.all_reduce(bucket.grad, group=bucket.group, async_op=True)
         self._next += 1
+
+    def _fill(self, bucket: Bucket) -> None:
+        """zero=2: move the parameters' gradients into a fresh flat buffer for the reduce-scatter
+        (unless they already are views into one: the first step of a pipeline)."""
+        if bucket.grad is not None:
+            return
+        like = bucket.params[0]
+        bucket.grad = torch.zeros(bucket.numel, dtype=like.dtype, device=like.device)
+        for p, off in zip(bucket.params, bucket.offsets):
+            if p.grad is not None:
+                bucket.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None
+
+    def _release(self, bucket: Bucket) -> None:
+        """zero=2: once its reduce-scatter is done, a bucket's full buffer is dropped."""
+        bucket.handle.wait()
+        bucket.handle = None
+        bucket.grad = None
+        for p in bucket.params:
+            p.grad = None
 
     # --- end of step ---------------------------------------------------------------------------
     def finish(self, mean_of: int = 1) -> None:
@@ -298,8 +336,10 @@ class GradBuckets:
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
         for bucket in self.buckets:
-            bucket.handle.wait()
-            bucket.handle = None
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+        self._in_flight = []
         if mean_of != 1:
             reduced = [b.shard_grad if self.zero == 2 else b.grad for b in self.buckets]
             torch._foreach_mul_(reduced + [p.grad for p in self.local_params if p.grad is not None], 1.0 / mean_of)
@@ -331,7 +371,7 @@ class GradBuckets:
         costs a tiny all-reduce per bucket and a host sync."""
         unused = []
         for bucket in self.buckets:
-            seen = torch.tensor(bucket.seen, dtype=torch.float32, device=bucket.grad.device)
+            seen = torch.tensor(bucket.seen, dtype=torch.float32, device=bucket.params[0].device)
             dist.all_reduce(seen, group=bucket.group)
             unused += [p for p, s in zip(bucket.params, seen.tolist()) if s == 0]
         if unused and self.zero:
@@ -348,7 +388,9 @@ class GradBuckets:
         if self.zero:
             gather_params(self.buckets)
         for bucket in self.buckets:
-            if bucket.grad is None:
+            if self.zero == 2:  # the next buffer is made when the bucket is complete
+                bucket.attach_grads_to_shard()
+            elif bucket.grad is None:
                 bucket.allocate_grad()
             else:
                 bucket.grad.zero_()

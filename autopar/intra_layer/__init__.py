@@ -3,7 +3,8 @@
 ``layout`` defines which slice of each serial tensor a rank holds (``ShardSpec``), ``comm`` the
 collectives paired with their adjoints, ``layers`` the parallel ``Linear`` / ``Embedding`` /
 ``Conv1D``, and ``auto`` the context manager that builds them inside unmodified models, ``chain`` the sharded
-layout between consecutive layers.
+layout between consecutive layers, ``flow`` + ``autochain`` which layers get it automatically (at the
+first forward).
 """
 from .auto import auto_parallelize, materialize, shard_layers
 from .chain import chain

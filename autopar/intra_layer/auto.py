@@ -32,6 +32,7 @@ from torch import nn
 
 from ..runtime.params import set_grad_axes
 from ..runtime.state import current_grid
+from .autochain import watch
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
 from .layout import ShardSpec, divisible, linear_weight_spec
 from .prefetch import Prefetcher
@@ -136,12 +137,16 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
 
 
 @contextmanager
-def auto_parallelize(*, strict: bool = False, min_numel: int = 0) -> Iterator[None]:
+def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = True) -> Iterator[None]:
     """Build ``nn.Linear`` / ``nn.Embedding`` / HF ``Conv1D`` inside the block as 3D-parallel
     layers over the current grid's x, y and z axes; they are sharded when the block exits.
 
     ``strict``: raise instead of logging when a layer has to stay replicated.
     ``min_numel``: layers with fewer weight elements stay replicated (logged).
+    ``chain``: at the model's first forward, find layers whose output reaches the next layer
+    through elementwise ops only (an MLP's up/gate -> down) and let them hand over feature
+    blocks instead of full activations (``autochain``; logged once). False keeps every layer
+    in the full-feature layout.
     Build the optimizer / ``autopar.parallelize`` after the block.
     """
     current_grid()  # fail early, on every rank, when autopar.init was not called
@@ -153,8 +158,10 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0) -> Iterator[No
         yield
     finally:
         stack.pop()  # blocks nest strictly within a thread, so ours is the innermost
-    shard_layers([m for m in built if isinstance(m, ShardedModule) and "weight" in m._parameters],
-                 strict=strict, min_numel=min_numel)
+    layers = [m for m in built if isinstance(m, ShardedModule) and "weight" in m._parameters]
+    shard_layers(layers, strict=strict, min_numel=min_numel)
+    if chain:
+        watch([m for m in layers if not isinstance(m, Embedding) and spec_of(m.weight) is not None])
 
 
 def materialize(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:

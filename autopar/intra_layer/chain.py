@@ -14,38 +14,77 @@ Per pair this saves the forward all-gather over y and the backward all-gather ov
 activation. When y has size 1 the hand-off goes along x instead and it is the producers that
 swap roles (Megatron's column-parallel layer feeding a row-parallel one).
 
-``chain`` must be called after ``auto_parallelize`` and before ``autopar.parallelize``: it
-replaces the re-laid-out weight tensors. Nothing detects chains automatically yet.
+Re-laying out a weight rewrites the values of its local piece *in place*: the piece keeps its
+shape, its ``shard_axes`` and its ``grad_axes``, and the bias (a full copy) keeps its tags too
+(``layers.linear_3d`` adds it so that its gradient needs the same reduction in every
+orientation). So ``chain`` may run before or after ``autopar.parallelize`` (the automatic
+detection in ``autochain`` runs it at the first forward, after the optimizer exists), as long as
+no optimizer step has happened yet. Anything that copied the weights elsewhere (host master
+weights of an offloaded step) must refresh its copy afterwards; the engine does so after its
+first forward (``Engine.layout_final``).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
-from ..runtime.params import set_grad_axes
+from ..runtime.params import set_shard_axes
 from ..runtime.state import current_grid
-from .layers import Embedding, Linear, ShardedModule, feature_axes, gather_full, make_local, spec_of
+from .layers import Embedding, Linear, ShardedModule, feature_axes, gather_full, spec_of
 from .layout import ShardSpec, divisible
 
 
-def _orient(layer: ShardedModule, out_axis: str) -> None:
-    """Re-lay ``layer``'s weight so its output features are cut over ``out_axis``."""
+def _out_axis(layer: ShardedModule) -> str:
+    return feature_axes(spec_of(layer.weight), not isinstance(layer, Linear))[0]
+
+
+def _swapped(layer: ShardedModule) -> ShardSpec:
     spec = spec_of(layer.weight)
-    if feature_axes(spec, not isinstance(layer, Linear))[0] == out_axis:
+    return ShardSpec(spec.full_shape, spec.dim_axes[::-1], spec.depth, spec.sizes)
+
+
+def handoff_axis() -> str:
+    """The axis feature blocks are handed over along: y, or x when y has size 1."""
+    return "y" if current_grid().size("y") > 1 else "x"
+
+
+def chain_problem(producers: Sequence[nn.Module], consumer: nn.Module) -> str | None:
+    """Why ``chain(producers, consumer)`` cannot be done, or None; changes nothing."""
+    layers = (*producers, consumer)
+    for layer in layers:
+        if not isinstance(layer, ShardedModule) or isinstance(layer, Embedding) or spec_of(layer.weight) is None:
+            return (f"chain needs sharded Linear/Conv1D layers built under auto_parallelize; "
+                    f"{layer!r} is not one (replicated or another type)")
+    if consumer.in_sharded:
+        return f"{consumer!r} is already the consumer of a chain"
+    handoff = handoff_axis()
+    other = "x" if handoff == "y" else "y"
+    targets = [(layer, handoff) for layer in producers] + [(consumer, other)]
+    for layer, out_axis in targets:
+        if _out_axis(layer) == out_axis:
+            continue
+        if layer.in_sharded or layer.out_sharded:
+            return (f"{layer!r} is already in a chain with the other orientation; a layer can be "
+                    "a consumer and a producer only when one of x, y has size 1")
+        swapped = _swapped(layer)
+        if not divisible(swapped.full_shape, swapped.dim_axes, swapped.axis_sizes):
+            return (f"{layer!r}: weight {swapped.full_shape} does not divide over {swapped.dim_axes} "
+                    "in the swapped layout; leave this pair unchained")
+    return None
+
+
+def _orient(layer: ShardedModule, out_axis: str) -> None:
+    """Re-lay ``layer``'s weight in place so its output features are cut over ``out_axis``."""
+    if _out_axis(layer) == out_axis:
         return
-    if layer.in_sharded or layer.out_sharded:
-        raise ValueError(f"{layer!r} is already in a chain with the other orientation; a layer can be "
-                         "a consumer and a producer only when one of x, y has size 1")
-    swapped = ShardSpec(spec.full_shape, spec.dim_axes[::-1], spec.depth, spec.sizes)
-    if not divisible(swapped.full_shape, swapped.dim_axes, spec.axis_sizes):
-        raise ValueError(f"{layer!r}: weight {spec.full_shape} does not divide over {swapped.dim_axes} "
-                         "in the swapped layout; leave this pair unchained")
-    grid = current_grid()
-    layer._parameters["weight"] = make_local(gather_full(layer.weight, spec, grid), swapped, grid,
-                                             layer.weight.requires_grad)
-    if layer.bias is not None:
-        set_grad_axes(layer.bias, ("dp", "z", out_axis) if grid.size(out_axis) > 1 else ("dp", "z"))
+    spec, swapped, grid = spec_of(layer.weight), _swapped(layer), current_grid()
+    weight = layer.weight
+    with torch.no_grad():
+        weight.copy_(swapped.shard(gather_full(weight, spec, grid), grid.coords))
+    weight._autopar_spec = swapped
+    set_shard_axes(weight, swapped.axes)  # the same axes: only which block each rank holds moves
 
 
 def chain(producers: Sequence[nn.Module], consumer: nn.Module) -> None:
@@ -54,15 +93,11 @@ def chain(producers: Sequence[nn.Module], consumer: nn.Module) -> None:
     The blocks are handed over along y, or along x when y has size 1 (then the producers are the
     ones re-laid out: Megatron's column- then row-parallel pair). The caller guarantees that
     everything between them is per-feature; every rank must make the same call (weights are
-    re-laid out collectively)."""
-    grid = current_grid()
-    for layer in (*producers, consumer):
-        if not isinstance(layer, ShardedModule) or isinstance(layer, Embedding) or spec_of(layer.weight) is None:
-            raise ValueError(f"chain needs sharded Linear/Conv1D layers built under auto_parallelize; "
-                             f"{layer!r} is not one (replicated or another type)")
-    if consumer.in_sharded:
-        raise ValueError(f"{consumer!r} is already the consumer of a chain")
-    handoff = "y" if grid.size("y") > 1 else "x"
+    re-laid out collectively). Call it before the first optimizer step."""
+    problem = chain_problem(producers, consumer)
+    if problem is not None:
+        raise ValueError(problem)
+    handoff = handoff_axis()
     other = "x" if handoff == "y" else "y"
     for layer in producers:
         _orient(layer, handoff)

@@ -135,6 +135,13 @@ class _Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool) -> Tensor:
+        device = t.device.type
+        if torch.is_autocast_enabled(device):
+            # Cast as autocast casts a matmul, and save the cast operands: backward runs outside
+            # autocast and must multiply tensors of one dtype. Autograd casts the returned
+            # gradients back to the (fp32) dtypes of t and w.
+            dtype = torch.get_autocast_dtype(device)
+            t, w = t.to(dtype), w.to(dtype)
         ctx.save_for_backward(t, w)
         ctx.grid, ctx.axis, ctx.transposed = grid, axis, transposed
         return t @ w if transposed else t @ w.t()

@@ -137,9 +137,36 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
     h = matmul(h, w, grid, out_axis, transposed)
     h = all_reduce(h, grid, in_axis)
-    if layer.bias is not None:
-        h = h + (slice_last(layer.bias, grid, out_axis) if grid.size(out_axis) > 1 else layer.bias)
-    return h if layer.out_sharded else gather_last(h, grid, out_axis)
+    bias = layer.bias
+    if bias is None or out_axis == "y":
+        if bias is not None:
+            h = h + (slice_last(bias, grid, "y") if grid.size("y") > 1 else bias)
+        return h if layer.out_sharded else gather_last(h, grid, out_axis)
+    # Output features cut over x (a chain swapped this weight). The bias's grad tags are the ones
+    # of the default layout, (dp, z) + y when y > 1, so its gradient must again sum to the serial
+    # one over exactly those axes (the tags may already be baked into gradient buckets).
+    if layer.out_sharded and grid.size("x") > 1:
+        # A producer handing off along x, which happens only when y has size 1: each x rank
+        # has its slice's gradient, and the backward all-gather gives every rank all of it.
+        if grid.size("y") > 1:
+            raise RuntimeError(f"{layer!r}: output blocks cut over x with y > 1 is not a chain layout")
+        return h + drop_last(bias, grid, "x")
+    # Full features again: add the full bias. Its gradient is then the same on every y rank, so
+    # only y rank 0 reports it and the sum over y counts it once.
+    return gather_last(h, grid, "x") + (_OwnGrad.apply(bias, grid.index("y") == 0) if grid.size("y") > 1 else bias)
+
+
+class _OwnGrad(torch.autograd.Function):
+    """Identity whose gradient is kept on one rank of an axis and zero on the others."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, own: bool) -> Tensor:
+        ctx.own = own
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return (g if ctx.own else torch.zeros_like(g)), None
 
 
 class Linear(ShardedModule, nn.Linear):

@@ -101,6 +101,9 @@ class StateOffloadStepper:
         """Wait until the state copied out by the last step has landed in host memory."""
         self._d2h.synchronize()
 
+    def pull_params(self) -> None:
+        """Only the state lives on the host; the optimizer steps the device parameters."""
+
     def _fetch(self, chunk: _Chunk) -> torch.cuda.Event | None:
         """Start copying ``chunk``'s state to fresh device buffers and point the optimizer at
         them; returns the event the step must wait for."""

@@ -52,6 +52,9 @@ class DeviceStepper:
     def synchronize(self) -> None:
         """Nothing is ever in flight here."""
 
+    def pull_params(self) -> None:
+        """The optimizer steps the device parameters themselves: no copy to refresh."""
+
     def memory(self) -> MemoryTable:
         return {"device": {"parameters": tensor_bytes(self.params), "gradients": self.grad_bytes,
                            "optimizer_state": tensor_bytes(state_tensors(self.optimizer))},
