@@ -62,7 +62,10 @@ def parser(doc: str, out: str, steps: int = 200, global_batch: int = 16, seq_len
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sample")
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=20, help="steps of linear learning-rate warm-up")
-    p.add_argument("--microbatches", type=int, default=microbatches, help="microbatches per rank and step")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help=f"microbatches per rank and step (default: {microbatches} with pp > 1, where they fill "
+                        "the pipeline, else 1)")
+    p.set_defaults(pipeline_microbatches=microbatches)
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--heads", type=int, default=heads)
@@ -89,6 +92,8 @@ def init(args: argparse.Namespace) -> autopar.Grid:
             raise SystemExit(f"{e}\nThis example's default grid is {args.default_grid}; launch that many "
                              "ranks (bash scripts/demo.sh) or pass --grid, e.g. --grid dp=1 for one process") from None
         raise
+    if args.microbatches is None:  # with pp = 1 they would only be gradient accumulation
+        args.microbatches = args.pipeline_microbatches if grid.sizes["pp"] > 1 else 1
     if "OMP_NUM_THREADS" not in os.environ:  # don't oversubscribe cores with N ranks per machine
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // grid.world_size))
     if grid.rank == 0:
