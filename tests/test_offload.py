@@ -31,16 +31,22 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, dropout: float = 0.0) -> None:
+    """``mlp``: an up -> GELU -> down pair after the blocks, which ``auto_parallelize`` chains at
+    the first forward (re-laying out weights that the offloaded steppers already copied)."""
+
+    def __init__(self, dropout: float = 0.0, mlp: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(8, 16)
         self.blocks = nn.ModuleList(Block(16, dropout) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) if mlp else None
         self.out = nn.Linear(16, 4)
 
     def forward(self, x):
         h = self.inp(x)
         for block in self.blocks:
             h = block(h)
+        if self.mlp is not None:
+            h = h + self.mlp(h)
         return self.out(h)
 
 
@@ -57,9 +63,9 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=LR)
 
 
-def _serial(clip):
+def _serial(clip, mlp=False):
     torch.manual_seed(0)
-    losses, state, _ = train_serial(Net(), _batches(), _adamw, _mse, clip)
+    losses, state, _ = train_serial(Net(mlp=mlp), _batches(), _adamw, _mse, clip)
     return losses, state
 
 
@@ -81,18 +87,20 @@ def _assert_state_on_host(engine):
 def check_modes_equal_serial(grid_kwargs, clip, tensor_parallel, zero):
     """Every mode on one grid; with ``tensor_parallel`` the layers are built sharded, so the
     steppers see shards, and with ``zero`` they see flat ZeRO shards of several tensors."""
-    ref_losses, ref_state = _serial(clip)
+    ref_losses, ref_state = _serial(clip, mlp=tensor_parallel)
     autopar.init(**grid_kwargs)
     results = {}
     for mode in MODES:
         torch.manual_seed(0)
         with autopar.auto_parallelize() if tensor_parallel else nullcontext():
-            model = Net()
+            model = Net(mlp=tensor_parallel)
         engine = autopar.parallelize(model, optimizer=_adamw, loss_fn=_mse, clip_grad_norm=clip, offload=mode,
                                      zero=zero)
         if tensor_parallel:
-            assert sum(p.numel() for p in engine.params) < sum(p.numel() for p in Net().parameters())
+            assert sum(p.numel() for p in engine.params) < sum(p.numel() for p in Net(mlp=True).parameters())
         losses = [engine.step(autopar.shard_batch(b)) for b in _batches()]
+        if tensor_parallel and grid_kwargs.get("pp", 1) == 1:  # the first forward chained the MLP
+            assert model.mlp[0].out_sharded and model.mlp[2].in_sharded
         _assert_state_on_host(engine)
         assert autopar.memory_report(engine).on_device["activations"] > 0
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6, msg=f"offload={mode}")
