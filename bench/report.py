@@ -27,6 +27,7 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_data_parallel": "Data parallelism vs DDP",
     "bench_offload": "CPU offload vs torch's fused AdamW",
     "bench_composition": "The 5D composition: memory and communication per rank",
+    "bench_overhead": "One device: a 1x1x1 grid against plain PyTorch",
 }
 
 
