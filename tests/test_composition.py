@@ -17,6 +17,7 @@ import torch
 import autopar
 from autopar.runtime.batch import split_batch
 from pipeline_models import batch, build
+from serial import hf_call, output_loss, train_serial
 
 GLOBAL_BATCH = 16
 TINY_BUCKET_MB = 1 / 4096  # 64 fp32 values: several buckets per stage
@@ -30,18 +31,8 @@ def _adamw(params):
 
 
 def _serial(name: str, clip: float | None):
-    model = build(name)
-    optimizer = _adamw(model.parameters())
-    losses = []
-    for s in range(STEPS):
-        loss = model(**batch(name, GLOBAL_BATCH, seed=s + 1)).loss
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
+    batches = [batch(name, GLOBAL_BATCH, seed=s + 1) for s in range(STEPS)]
+    return train_serial(build(name), batches, _adamw, output_loss, clip, call=hf_call)[:2]
 
 
 def _train(engine: autopar.Engine, name: str, accumulate: int) -> list[float]:

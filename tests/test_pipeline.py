@@ -14,6 +14,7 @@ import autopar
 from autopar.pipeline import SCHEDULES, build_schedule, partition
 from autopar.pipeline.zero_bubble import backward_input, backward_weight
 from pipeline_models import batch, build
+from serial import hf_call, output_loss, train_serial
 
 GLOBAL_BATCH = 8
 
@@ -31,19 +32,8 @@ def _loss_fn(name: str):
 
 
 def _serial(name: str, layers: int, opt: str, steps: int, clip: float | None):
-    model = build(name, layers)
-    optimizer = _optimizer(opt)(model.parameters())
-    losses = []
-    for s in range(steps):
-        out = model(**batch(name, GLOBAL_BATCH, seed=s + 1))
-        loss = out["loss"]
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, model.state_dict()
+    batches = [batch(name, GLOBAL_BATCH, seed=s + 1) for s in range(steps)]
+    return train_serial(build(name, layers), batches, _optimizer(opt), output_loss, clip, call=hf_call)[:2]
 
 
 def check_against_serial(name: str, schedule: str, pp: int, m: int, *, v: int = 1, layers: int = 4,
