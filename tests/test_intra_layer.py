@@ -155,8 +155,10 @@ def test_sharded_layout_skips_the_relayout(pool8):
     default, chained, automatic = pool8.run(chain_saves_communication)[0]
     # Gone: the forward all-gather of up's output over y and the backward all-gather of down's
     # input gradient over x, each (tokens x 32) fp32 over 2 ranks; the rest only swaps axes.
+    # The swapped consumer (down: output over x) all-gathers its y-cut bias (16 over 2) instead.
     tokens = 8 // 2 * 6  # batch 8 over dp*z = 2, sequence 6
-    assert sum(default.values()) - sum(chained.values()) == pytest.approx(2 * 4 * tokens * 32 / 2)
+    bias_gather = 4 * 16 / 2
+    assert sum(default.values()) - sum(chained.values()) == pytest.approx(2 * 4 * tokens * 32 / 2 - bias_gather)
     assert automatic == chained  # the detection finds the same chain (down -> head: down is taken)
 
 
@@ -257,9 +259,29 @@ def layers_and_tags(x, y, z):
     assert spec.full_shape == (16, 48) and spec.dim_axes == ("x", "y")
     assert attn.weight.shape == (16 * 48 // (x * y * z),)
     assert attn.weight._autopar_grad_axes == ("dp",) and attn.weight._autopar_shard_axes == spec.axes
-    assert attn.bias.shape == (48,)
-    assert attn.bias._autopar_grad_axes == (("dp", "z", "y") if y > 1 else ("dp", "z"))
+    # the bias is cut over y with the output features; its x and z ranks hold equal copies
+    assert attn.bias.shape == (48 // y,) and (spec_of(attn.bias) is not None) == (y > 1)
+    assert attn.bias._autopar_grad_axes == ("dp", "z")
+    assert getattr(attn.bias, "_autopar_shard_axes", ()) == (("y",) if y > 1 else ())
     return spec.axes
+
+
+def test_tied_bias_stays_whole_and_tied(pool8):
+    """BERT's MLM decoder bias is ``cls.predictions.bias``, held by a module that is no parallel
+    layer: it must stay one whole tensor (sharding it would silently untie it)."""
+    assert pool8.run(tied_bias_whole)[0]
+
+
+def tied_bias_whole():
+    autopar.init(x=2, y=2, z=2)
+    model = _build("bert", True)
+    head = model.cls.predictions
+    assert head.decoder.bias is head.bias and spec_of(head.bias) is None and head.bias.shape == (models.V,)
+    assert head.bias._autopar_grad_axes == ("dp", "z", "y")
+    sliced = [m.bias for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None
+              and spec_of(m.bias) is not None]
+    assert sliced, "the other biases are cut over y"
+    return True
 
 
 def test_layers_tags_and_tie(pool8):

@@ -20,8 +20,8 @@ heads) on the end stages.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,19 +34,22 @@ from . import models
 GIB = 2.0 ** 30
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Layer:
-    """A weight ``auto_parallelize`` would shard: ``out x in`` features, in a block or not."""
+    """A weight ``auto_parallelize`` would shard: ``out x in`` features, in a block or not, and
+    the numel of its own bias (cut over y with the output; 0 when it has none or it is tied to
+    another module, which keeps it whole)."""
 
     out_features: int
     in_features: int
     in_block: bool
+    bias: int = 0
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Shape:
     layers: list[Layer]
-    other_params: int        # biases, norms, layers left replicated by their type
+    other_params: int        # norms, tied biases, layers left replicated by their type
     other_in_blocks: int     # of which inside the repeated blocks
     blocks: int
     hidden: int | None
@@ -68,16 +71,20 @@ def shape_of(model: nn.Module, seq_len: int | None) -> Shape:
     block_names = find_blocks(model)
     block_prefixes = tuple(f"{n}." for n in block_names)
     blocks = sum(len(model.get_submodule(n)) for n in block_names)
-    layers, other, other_blocks, seen = [], 0, 0, set()
+    layers, other, other_blocks, seen, owner = [], 0, 0, set(), None
     for name, module in model.named_modules():
         in_block = name.startswith(block_prefixes)
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if pname == "weight" and type(module) in (nn.Linear, nn.Embedding, Conv1D) and p.dim() == 2:
+            parallel = type(module) in (nn.Linear, nn.Embedding, Conv1D)
+            if pname == "weight" and parallel and p.dim() == 2:
                 out_f, in_f = p.shape if type(module) is not Conv1D else p.shape[::-1]
                 layers.append(Layer(out_f, in_f, in_block))
+                owner = module
+            elif pname == "bias" and parallel and layers and owner is module:
+                layers[-1] = dataclasses.replace(layers[-1], bias=p.numel())
             else:
                 other += p.numel()
                 other_blocks += p.numel() if in_block else 0
@@ -98,8 +105,9 @@ def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches
         share = 1 / pp if layer.in_block else 1 / stage
         spec = linear_weight_spec((layer.out_features, layer.in_features), tp)
         if not divisible(spec.full_shape, spec.dim_axes, tp):
-            held["replicated"] += layer.out_features * layer.in_features * share
+            held["replicated"] += (layer.out_features * layer.in_features + layer.bias) * share
             continue
+        held["replicated"] += layer.bias / y * share  # cut over y, replicated over dp and z
         block = layer.out_features * layer.in_features / (x * y)
         held["sharded"] += block / z * share
         comm["z"] += 2 * (z - 1) / z * block * microbatches * share

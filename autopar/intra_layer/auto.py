@@ -18,12 +18,19 @@ full weight one layer at a time with its default init and keeps its slice.
 Layers whose dimensions do not divide the grid, that are smaller than ``min_numel`` or use
 options the parallel layer does not reproduce (``max_norm``, ``sparse``...) stay replicated;
 the list is logged once, or raised with ``strict=True``.
+
+Biases are sharded with the output features (over y). A bias that some module other than
+parallel layers also holds (BERT ties the decoder's bias to ``cls.predictions.bias``) must stay
+one tensor, so it stays whole: the block records every parameter registration made inside it
+(``torch.nn.modules.module.register_module_parameter_registration_hook``) to find such ties,
+since they are plain attribute assignments that the layers never see.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -34,7 +41,7 @@ from ..runtime.params import set_grad_axes
 from ..runtime.state import current_grid
 from .autochain import watch
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
-from .layout import ShardSpec, divisible, linear_weight_spec
+from .layout import ShardSpec, bias_spec, divisible, linear_weight_spec
 from .prefetch import Prefetcher
 
 log = logging.getLogger("autopar")
@@ -70,8 +77,10 @@ def _install() -> None:
 _new_static = staticmethod(_new)
 
 
-def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int) -> tuple[dict[str, ShardSpec], str]:
-    """Layouts for ``layer``'s parameters, or ({}, why it stays replicated)."""
+def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int,
+         foreign: frozenset[int] = frozenset()) -> tuple[dict[str, ShardSpec], str]:
+    """Layouts for ``layer``'s parameters, or ({}, why it stays replicated). ``foreign``: ids of
+    parameters that modules other than parallel layers hold too (kept whole)."""
     w = layer._parameters.get("weight")
     if w is None or w.dim() != 2:
         return {}, "no 2D weight"
@@ -84,20 +93,26 @@ def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int) -> tuple[d
     if not divisible(spec.full_shape, spec.dim_axes, sizes):
         return {}, f"weight {tuple(w.shape)} does not divide over {spec.dim_axes} = " \
                    f"({sizes[spec.dim_axes[0]]}, {sizes[spec.dim_axes[1]]})"
-    return {"weight": spec}, ""
+    specs = {"weight": spec}
+    b = layer._parameters.get("bias")
+    if b is not None and sizes["y"] > 1 and id(b) not in foreign:
+        specs["bias"] = bias_spec(b.shape[0], sizes)  # out divides over y: the weight's rows do
+    return specs, ""
 
 
-def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: int = 0) -> None:
+def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: int = 0,
+                 foreign: frozenset[int] = frozenset()) -> None:
     """Replace the full parameters of ``layers`` by this rank's pieces. Parameters shared by
     several layers (tied embeddings) become one shared piece when their layouts agree, else
-    all users stay replicated."""
+    all users stay replicated. ``foreign``: ids of parameters held by other modules too, whose
+    biases stay whole."""
     grid = current_grid()
     sizes = {a: grid.sizes[a] for a in ("x", "y", "z")}
     if sizes == {"x": 1, "y": 1, "z": 1}:
         return
     plans, replicated = {}, []
     for layer in layers:
-        specs, why = plan(layer, sizes, min_numel)
+        specs, why = plan(layer, sizes, min_numel, foreign)
         plans[id(layer)] = specs
         if why:
             replicated.append(f"{layer!r}: {why}")
@@ -131,8 +146,8 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
                 pieces[id(full)] = make_local(full, spec, grid, full.requires_grad)
             layer._parameters[name] = pieces[id(full)]
         bias = layer._parameters.get("bias")
-        if plans[id(layer)] and bias is not None and sizes["y"] > 1:
-            # Full copy everywhere, each y rank adds (and gets a gradient for) its own slice.
+        if plans[id(layer)] and bias is not None and spec_of(bias) is None and sizes["y"] > 1:
+            # A tied bias kept whole: each y rank adds (and gets a gradient for) its own slice.
             set_grad_axes(bias, ("dp", "z", "y"))
 
 
@@ -153,13 +168,26 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     _install()
     stack = _recording.__dict__.setdefault("stack", [])
     built: list[ShardedModule] = []
+    holders: dict[int, tuple[weakref.ref, set[int]]] = {}  # parameter id -> (parameter, module ids)
+
+    def registered(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            entry = holders.get(id(param))
+            if entry is None or entry[0]() is not param:  # an id reused after a parameter died
+                entry = holders[id(param)] = (weakref.ref(param), set())
+            entry[1].add(id(module))
+
     stack.append(built)
+    hook = nn.modules.module.register_module_parameter_registration_hook(registered)
     try:
         yield
     finally:
+        hook.remove()
         stack.pop()  # blocks nest strictly within a thread, so ours is the innermost
     layers = [m for m in built if isinstance(m, ShardedModule) and "weight" in m._parameters]
-    shard_layers(layers, strict=strict, min_numel=min_numel)
+    ours = {id(m) for m in built}
+    foreign = frozenset(pid for pid, (ref, modules) in holders.items() if ref() is not None and modules - ours)
+    shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign)
     if chain:
         watch([m for m in layers if not isinstance(m, Embedding) and spec_of(m.weight) is not None])
 

@@ -15,7 +15,7 @@ activation. When y has size 1 the hand-off goes along x instead and it is the pr
 swap roles (Megatron's column-parallel layer feeding a row-parallel one).
 
 Re-laying out a weight rewrites the values of its local piece *in place*: the piece keeps its
-shape, its ``shard_axes`` and its ``grad_axes``, and the bias (a full copy) keeps its tags too
+shape, its ``shard_axes`` and its ``grad_axes``, and the bias keeps its y layout and its tags
 (``layers.linear_3d`` adds it so that its gradient needs the same reduction in every
 orientation). So ``chain`` may run before or after ``autopar.parallelize`` (the automatic
 detection in ``autochain`` runs it at the first forward, after the optimizer exists), as long as

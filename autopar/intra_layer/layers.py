@@ -11,18 +11,19 @@ Sharded forward of ``y = x W^T + b`` for a rank at (x, y, z) with its batch slic
     W_yx = all-gather_z(piece)                  # (out/Y, in/X) block; grad reduce-scattered over z
     h    = x[..., in-block of x]                # input is replicated over x and y; grad all-gathered over x
     h    = h @ W_yx^T                           # grad wrt h all-reduced over y, overlapped with dW
-    h    = all-reduce_x(h) + b[out-block of y]  # bias: a full copy on every rank
+    h    = all-reduce_x(h) + b_y                # bias: this rank's y slice of it
     out  = all-gather_y(h)                      # back to full features; grad: own slice
 
 so input and output are ordinary full-feature activations and the layer can stand anywhere
 (``chain`` switches pairs of layers to handing over feature blocks instead). Every collective's
 size follows from shapes alone (x and y ranks share one batch slice), so there is no host sync.
 Parameter tags: the weight piece is partitioned over (z, y, x) and, its z-sum being done by
-the reduce-scatter, its grad is summed over ``dp`` only. The bias stays full (it is ``out``
-numbers, nothing next to the weight): each y rank produces the gradient of its own slice and
-zeros elsewhere, so its grad is summed over (dp, z, y) and it is counted once in the norm. A full
-bias keeps ties to modules that are not parallel layers intact (BERT's ``cls.predictions.bias``
-is the decoder's bias), which a sharded one would silently break.
+the reduce-scatter, its grad is summed over ``dp`` only. The bias is cut over y with the output
+(``layout.bias_spec``); its x ranks hold equal copies with equal gradients, so its grad is summed over (dp, z)
+and its norm over y. A bias that a non-parallel module holds too (BERT's
+``cls.predictions.bias`` is the decoder's bias) stays whole, so the tie survives: each y rank
+then adds its own slice and gets a gradient for it alone (zeros elsewhere), so its grad is
+summed over (dp, z, y).
 """
 from __future__ import annotations
 
@@ -138,22 +139,31 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     h = matmul(h, w, grid, out_axis, transposed)
     h = all_reduce(h, grid, in_axis)
     bias = layer.bias
-    if bias is None or out_axis == "y":
-        if bias is not None:
-            h = h + (slice_last(bias, grid, "y") if grid.size("y") > 1 else bias)
+    if bias is None:
         return h if layer.out_sharded else gather_last(h, grid, out_axis)
-    # Output features cut over x (a chain swapped this weight). The bias's grad tags are the ones
-    # of the default layout, (dp, z) + y when y > 1, so its gradient must again sum to the serial
-    # one over exactly those axes (the tags may already be baked into gradient buckets).
+    whole = spec_of(bias) is None  # y = 1, or tied to a module that is not a parallel layer
+    if out_axis == "y":
+        if whole and grid.size("y") > 1:
+            bias = slice_last(bias, grid, "y")
+        h = h + bias  # this rank's y slice of the output features and of the bias
+        return h if layer.out_sharded else gather_last(h, grid, "y")
+    # Output features cut over x (a chain swapped this weight); the bias keeps its y layout and
+    # its grad tags, so its gradient must again sum to the serial one over exactly those axes
+    # (the tags may already be baked into gradient buckets).
     if layer.out_sharded and grid.size("x") > 1:
-        # A producer handing off along x, which happens only when y has size 1: each x rank
-        # has its slice's gradient, and the backward all-gather gives every rank all of it.
+        # A producer handing off along x, which happens only when y has size 1 (whole bias):
+        # each x rank gets its slice's gradient, and the backward all-gather gives the rest.
         if grid.size("y") > 1:
             raise RuntimeError(f"{layer!r}: output blocks cut over x with y > 1 is not a chain layout")
         return h + drop_last(bias, grid, "x")
-    # Full features again: add the full bias. Its gradient is then the same on every y rank, so
+    h = gather_last(h, grid, "x")
+    if grid.size("y") == 1:
+        return h + bias
+    if not whole:  # assemble the y slices; backward hands each y rank its own slice's gradient
+        return h + gather_last(bias, grid, "y")
+    # A whole bias tagged to be summed over y: the gradient is the same on every y rank, so
     # only y rank 0 reports it and the sum over y counts it once.
-    return gather_last(h, grid, "x") + (_OwnGrad.apply(bias, grid.index("y") == 0) if grid.size("y") > 1 else bias)
+    return h + _OwnGrad.apply(bias, grid.index("y") == 0)
 
 
 class _OwnGrad(torch.autograd.Function):

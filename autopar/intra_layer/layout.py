@@ -13,8 +13,9 @@ A 2D weight of full shape ``(R, C)`` is laid out in two stages (AxoNN's 3D matmu
 
 Layers in a ``chain`` (the sharded layout) may hold the swapped orientation, e.g. a Linear
 with ``dim_axes = ("x", "y")``: always read ``dim_axes`` from the spec, never assume it.
-Biases, LayerNorms and every layer left replicated are not sharded: each rank holds the full
-tensor (``spec_of(param) is None``). A rank's coordinates on axes not in ``spec.axes`` (dp, pp,
+A bias is cut like the output features of its layer in the default orientation: over y
+(``bias_spec``), whatever a chain later does to the weight. LayerNorms, tied biases and every
+layer left replicated are not sharded: each rank holds the full tensor (``spec_of(param) is None``). A rank's coordinates on axes not in ``spec.axes`` (dp, pp,
 and x/y/z of size 1) do not matter: those ranks hold identical copies.
 
 ``ShardSpec`` is plain data (picklable, no process groups) so checkpoint code can reshard
@@ -104,6 +105,11 @@ class ShardSpec:
 def linear_weight_spec(full_shape: tuple[int, int], sizes: Mapping[str, int], transposed: bool = False) -> ShardSpec:
     """``out x in`` weight (or ``in x out`` when ``transposed``, for HF ``Conv1D``)."""
     return ShardSpec(tuple(full_shape), ("x", "y") if transposed else ("y", "x"), True, _sizes(sizes))
+
+
+def bias_spec(out_features: int, sizes: Mapping[str, int]) -> ShardSpec:
+    """A layer's bias, cut over y like its output features."""
+    return ShardSpec((out_features,), ("y",), False, _sizes(sizes))
 
 
 def _sizes(sizes: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
