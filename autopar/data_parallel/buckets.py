@@ -310,12 +310,14 @@ class GradBuckets:
         (unless they already are views into one: the first step of a pipeline)."""
         if bucket.grad is not None:
             return
-        like = bucket.params[0]
-        bucket.grad = torch.zeros(bucket.numel, dtype=like.dtype, device=like.device)
-        for p, off in zip(bucket.params, bucket.offsets):
-            if p.grad is not None:
-                bucket.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
-                p.grad = None
+        # One concatenation, not a copy kernel per parameter: the offsets are contiguous and only
+        # the tail is padding (to a multiple of the group size).
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in bucket.params]
+        used = bucket.offsets[-1] + bucket.params[-1].numel()
+        parts.append(bucket.params[0].new_zeros(bucket.numel - used))
+        bucket.grad = torch.cat(parts)
+        for p in bucket.params:
+            p.grad = None
 
     def _release(self, bucket: Bucket) -> None:
         """zero=2: once its reduce-scatter is done, a bucket's full buffer is dropped."""

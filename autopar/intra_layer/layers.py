@@ -18,9 +18,9 @@ so input and output are ordinary full-feature activations and the layer can stan
 (``chain`` switches pairs of layers to handing over feature blocks instead). Every collective's
 size follows from shapes alone (x and y ranks share one batch slice), so there is no host sync.
 Parameter tags: the weight piece is partitioned over (z, y, x) and, its z-sum being done by
-the reduce-scatter, its grad is summed over ``dp`` only. The bias is cut over y with the output
-(``layout.bias_spec``); its x ranks hold equal copies with equal gradients, so its grad is summed over (dp, z)
-and its norm over y. A bias that a non-parallel module holds too (BERT's
+the reduce-scatter, its grad is summed over ``dp`` only. The bias is cut over y with the
+output (``layout.bias_spec``); its x ranks hold equal copies with equal gradients, so its grad
+is summed over (dp, z) and its norm over y. A bias that a non-parallel module holds too (BERT's
 ``cls.predictions.bias`` is the decoder's bias) stays whole, so the tie survives: each y rank
 then adds its own slice and gets a gradient for it alone (zeros elsewhere), so its grad is
 summed over (dp, z, y).

@@ -15,8 +15,9 @@ Layers in a ``chain`` (the sharded layout) may hold the swapped orientation, e.g
 with ``dim_axes = ("x", "y")``: always read ``dim_axes`` from the spec, never assume it.
 A bias is cut like the output features of its layer in the default orientation: over y
 (``bias_spec``), whatever a chain later does to the weight. LayerNorms, tied biases and every
-layer left replicated are not sharded: each rank holds the full tensor (``spec_of(param) is None``). A rank's coordinates on axes not in ``spec.axes`` (dp, pp,
-and x/y/z of size 1) do not matter: those ranks hold identical copies.
+layer left replicated are not sharded: each rank holds the full tensor (``spec_of(param) is
+None``). A rank's coordinates on axes not in ``spec.axes`` (dp, pp, and x/y/z of size 1) do not
+matter: those ranks hold identical copies.
 
 ``ShardSpec`` is plain data (picklable, no process groups) so checkpoint code can reshard
 between grids with ``spec.shard(full, coords)`` / ``spec.assemble(pieces)`` instead of
