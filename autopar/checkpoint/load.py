@@ -2,15 +2,18 @@
 
 Loading moves no tensor data between ranks: each rank works out the region of every tensor it
 holds under the *current* grid (``local``), intersects it with the stored pieces (``regions``)
-and reads just those ranges from the files. Problems are checked before anything is modified
-where they can be (completion marker, model names and shapes, presence and size of every file
-this rank needs, safetensors headers); checksums as the data is read. Errors are agreed on by
-all ranks, so a problem seen by one rank is raised on every rank.
+and reads just those ranges from the files. A load is all or nothing: everything is read and
+verified (completion marker, names inside the folder, model names and shapes, presence and size
+of every file this rank needs, safetensors headers, the checksum of every chunk read and of the
+RNG and ``extra`` files) into host memory first, the ranks agree, and only then is anything
+applied. Errors are agreed on by all ranks, so a problem seen by one rank is raised on every
+rank, and a caller that catches it still holds its untouched state.
 """
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -19,7 +22,8 @@ from .local import OptimizerParam, local_region, model_of, model_tensors, optimi
 from .ranks import Ranks
 from .regions import Region, fill, full_region, full_shape, overlaps
 from .save import wait_for_pending
-from .storage import CheckpointError, PieceFiles, load_object, read_index, resolve
+from .owned import read_index, resolve
+from .storage import CheckpointError, PieceFiles, load_object
 
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 """param_group entries that pick *how* the optimizer runs on this machine, not what it computes:
@@ -120,7 +124,8 @@ def _optimizer_state(reader: _Reader, ops: list[OptimizerParam]) -> dict[int, di
     return state
 
 
-def _load_optimizer(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> None:
+def _optimizer_dict(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> dict[str, Any]:
+    """The ``load_state_dict`` argument for the live optimizer, read and checked in full."""
     optimizer = engine.optimizer
     saved = reader.index["param_groups"]
     live = optimizer.state_dict()["param_groups"]
@@ -135,61 +140,115 @@ def _load_optimizer(engine: Any, reader: _Reader, coords: Mapping[str, int]) -> 
             if k not in IMPLEMENTATION_KEYS and k != "params":
                 group[k] = tuple(v) if isinstance(now.get(k), tuple) else v
         groups.append(group)
-    # Hooks of offload steppers run here: state goes back to the host, master weights are re-read.
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def _object(root: str, index: dict[str, Any], name: str) -> Any:
+    """A pickled file of the checkpoint, checked against the index's size and CRC32 (checkpoints
+    written before ``objects`` existed have none to check)."""
+    objects = index.get("objects")
+    if objects is not None and name not in objects:
+        raise CheckpointError(f"incomplete checkpoint {root}: {name} is not listed in its index")
+    return load_object(os.path.join(root, name), None if objects is None else objects[name])
+
+
+@dataclass
+class _Staged:
+    """Everything a load changes, read and verified in full before any of it is applied."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (live tensor, its loaded value)
+    optimizer: dict[str, Any] | None                  # for optimizer.load_state_dict, or None
+    deferred: _Reader | None                          # optimizer state read by the first step
+    step: int
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def _stage(engine: Any, path: str, ranks: Ranks) -> _Staged:
+    model = model_of(engine)
+    root = resolve(path)
+    index = read_index(root)
+    tensors = model_tensors(model)
+    _check_model(index, model, tensors)
+    reader = _Reader(root, index)
+    regions = {name: local_region(t, ranks.coords) for name, t in tensors.items()}
+    # The first forward may still change which piece of each weight this rank holds (the
+    # pipeline split, chained layers): optimizer state waits for it (``on_optimizer``).
+    optimizer = getattr(engine, "optimizer", None) if getattr(engine, "layout_final", True) else None
+    deferred = optimizer is None and hasattr(engine, "optimizer")
+    targets = [(f"model/{n}", r) for n, r in regions.items()]
+    if optimizer is not None:
+        targets += _optimizer_targets(index, optimizer_params(engine, ranks.coords))
+    elif deferred:
+        # Verified now against this rank's current regions, which contain what it will hold
+        # after a pipeline split, so a damaged file fails this load rather than the first step.
+        keys = _state_keys(index)
+        targets += [(f"optim/{n}/{k}", regions[n] if index["tensors"][f"optim/{n}/{k}"]["shape"] else full_region(()))
+                    for n in tensors for k in keys.get(n, []) if f"optim/{n}/{k}" in index["tensors"]]
+    staged = []
+    with reader.files, torch.no_grad():
+        reader.files.check(reader.needed_files(targets))
+        for name, t in tensors.items():
+            out = torch.zeros(t.numel(), dtype=t.dtype)
+            reader.read(out, f"model/{name}", regions[name])
+            staged.append((t, out.view(t.shape)))
+        state = _optimizer_dict(engine, reader, ranks.coords) if optimizer is not None else None
+        for key, region in targets if deferred else []:
+            if key.startswith("optim/"):
+                reader.read(torch.zeros(region.numel, dtype=_dtype(index["tensors"][key]["dtype"])), key, region)
+    same_grid = index["grid"] == ranks.sizes
+    rng = _object(root, index, f"rng-{ranks.rank if same_grid else 0:05d}.pt")
+    extra = _object(root, index, "extra.pt")
+    return _Staged(staged, state, _Reader(root, index) if deferred else None, index["step"], rng, extra)
 
 
 def load_checkpoint(engine: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint saved under any grid into ``engine`` (or a plain ``nn.Module``) on the
     current grid; returns the ``extra`` dict it was saved with. Collective: call on every rank.
-    Each rank reads only the stored ranges that overlap what it holds. Before the first step the
-    optimizer may not exist yet (pp > 1), or the first forward may still re-lay out weights
-    (``Engine.layout_final``): then its state is read by the first step, after its forward, so
-    leave the checkpoint in place until then. Errors of that read are raised on every rank too."""
+    Each rank reads only the stored ranges that overlap what it holds.
+
+    All or nothing: every rank first reads and verifies everything it will change (model and
+    optimizer tensors with their checksums, RNG states, ``extra``) into host memory, and the ranks
+    agree; only then is anything applied. A failed load raises ``CheckpointError`` on every rank
+    and leaves the weights, the optimizer, the step count and the RNGs as they were.
+
+    Before the first step the optimizer may not exist yet (pp > 1), or the first forward may
+    still re-lay out weights (``Engine.layout_final``): its state is then verified now and applied
+    by the first step, after its forward, so leave the checkpoint in place until then."""
     wait_for_pending(engine)
     ranks, path = Ranks(), os.fspath(path)
-    model = model_of(engine)
-    error, extra = None, {}
+    staged, error = None, None
     try:
-        root = resolve(path)
-        index = read_index(root)
-        tensors = model_tensors(model)
-        _check_model(index, model, tensors)
-        reader = _Reader(root, index)
-        regions = {name: local_region(t, ranks.coords) for name, t in tensors.items()}
-        # The first forward may still change which piece of each weight this rank holds (the
-        # pipeline split, chained layers): optimizer state waits for it (``on_optimizer``).
-        optimizer = getattr(engine, "optimizer", None) if getattr(engine, "layout_final", True) else None
-        targets = [(f"model/{n}", r) for n, r in regions.items()]
-        if optimizer is not None:
-            targets += _optimizer_targets(index, optimizer_params(engine, ranks.coords))
-        with reader.files, torch.no_grad():
-            reader.files.check(reader.needed_files(targets))
-            for name, t in tensors.items():
-                out = torch.zeros(t.numel(), dtype=t.dtype)
-                reader.read(out, f"model/{name}", regions[name])
-                t.copy_(out.view(t.shape))
-            if optimizer is not None:
-                _load_optimizer(engine, reader, ranks.coords)
-        if optimizer is None and hasattr(engine, "optimizer"):
-            engine.on_optimizer.append(lambda: _load_optimizer_from(engine, _Reader(root, index), ranks))
-        if hasattr(engine, "step_count"):
-            engine.step_count = index["step"]
-        same_grid = index["grid"] == ranks.sizes
-        _set_rng_state(load_object(os.path.join(root, f"rng-{ranks.rank if same_grid else 0:05d}.pt")))
-        extra = load_object(os.path.join(root, "extra.pt"))
+        staged = _stage(engine, path, ranks)
     except Exception as e:  # noqa: BLE001 - agreed on below
         error = e
     ranks.agree(error)
-    return extra
+    try:
+        with torch.no_grad():
+            for live, value in staged.tensors:
+                live.copy_(value)
+        if staged.optimizer is not None:
+            # Hooks of offload steppers run here: state goes back to the host, master weights are re-read.
+            engine.optimizer.load_state_dict(staged.optimizer)
+        if staged.deferred is not None:
+            engine.on_optimizer.append(lambda reader=staged.deferred: _load_optimizer_from(engine, reader, ranks))
+        if hasattr(engine, "step_count"):
+            engine.step_count = staged.step
+        _set_rng_state(staged.rng)
+    except Exception as e:  # noqa: BLE001 - agreed on below
+        error = e
+    ranks.agree(error)
+    return staged.extra
 
 
 def _load_optimizer_from(engine: Any, reader: _Reader, ranks: Ranks) -> None:
-    """Deferred optimizer load, run by the engine's first step on every rank (``on_optimizer``)."""
-    error = None
+    """Deferred optimizer load, run by the engine's first step on every rank (``on_optimizer``):
+    read in full and agreed on before it is applied."""
+    error, state = None, None
     try:
         with reader.files, torch.no_grad():
-            _load_optimizer(engine, reader, ranks.coords)
+            state = _optimizer_dict(engine, reader, ranks.coords)
     except Exception as e:  # noqa: BLE001 - agreed on below
         error = e
     ranks.agree(error)
+    engine.optimizer.load_state_dict(state)

@@ -2,22 +2,59 @@
 
 Checkpoints only move small metadata between ranks (tensor data goes through files), so Python
 object collectives over all ranks are enough. A plain process with no ``autopar.init`` is a world
-of one. An asynchronous save runs its collectives from a background thread, on a gloo group of
-its own, so they can never interleave with the training step's collectives.
+of one.
+
+The collectives run on a gloo group of their own (``checkpoint_group``), for two reasons. Its
+timeout is long (``AUTOPAR_CHECKPOINT_TIMEOUT``, 30 min by default): one rank writing a large
+shard to a slow file system must not make the others' wait fail at the grid's collective timeout
+(180 s), which NCCL's watchdog would enforce by killing the job. And an asynchronous save runs
+its collectives from a background thread, where they must never interleave with the training
+step's collectives on the grid's groups. Every checkpoint entry point first waits for a pending
+asynchronous save, so the group is never used by two threads at once.
 """
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from ..runtime import state
+from ..runtime.grid import Grid
 from ..runtime.state import current_grid, is_initialized
 from .storage import CheckpointError
 
+CHECKPOINT_TIMEOUT_S = 1800.0
+_group: tuple[Grid, dist.ProcessGroup] | None = None
+
+
+def checkpoint_timeout() -> timedelta:
+    seconds = float(os.environ.get("AUTOPAR_CHECKPOINT_TIMEOUT", CHECKPOINT_TIMEOUT_S))
+    if seconds <= 0:
+        raise ValueError(f"AUTOPAR_CHECKPOINT_TIMEOUT must be positive seconds, got {seconds}")
+    return timedelta(seconds=seconds)
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """The long-timeout gloo group over all ranks of the current grid, made on first use
+    (collectively: every checkpoint entry point is called on every rank) and torn down by
+    ``autopar.destroy`` with the grid's other groups."""
+    global _group
+    if not is_initialized() or current_grid().world_size == 1:
+        return None
+    grid = current_grid()
+    if _group is None or _group[0] is not grid:
+        group = dist.new_group(backend="gloo", timeout=checkpoint_timeout())
+        # state.new_group has no timeout parameter; its teardown list is the one destroy() walks.
+        state._extra_groups.append(group)
+        _group = (grid, group)
+    return _group[1]
+
 
 class Ranks:
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
+    def __init__(self) -> None:
+        self.group = checkpoint_group()
         if is_initialized():
             grid = current_grid()
             self.rank, self.world, self.sizes, self.coords = grid.rank, grid.world_size, dict(grid.sizes), grid.coords

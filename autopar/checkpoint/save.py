@@ -5,7 +5,7 @@ A save has two halves. The *snapshot*, always on the caller's thread: copy this 
 training may change the weights right after. The *write*: each rank writes its own safetensors
 file, rank 0 gathers the small piece lists, writes the index last and swaps the directory into
 place (``storage``). With ``async_save=True`` the write runs on a background thread, overlapping
-the next training steps; its collectives use a gloo group of their own. The next save or load
+the next training steps; its collectives use the checkpoint gloo group (``ranks``). The next save or load
 waits for it, so at most one is in flight.
 """
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from ..runtime.state import new_group
 from .local import local_region, model_of, model_tensors, optimizer_params, writes
 from .ranks import Ranks
 from .regions import Region, full_region, full_shape
-from .storage import (FORMAT, CheckpointError, commit, remove_stale, save_object, staging_dir, write_index,
-                      write_pieces)
+from .owned import check_target, remove_stale, write_marker
+from .storage import FORMAT, CheckpointError, commit, save_object, staging_dir, write_index, write_pieces
 
 Piece = tuple[str, tuple[int, ...], torch.dtype, Region, torch.Tensor]  # key, full shape, dtype, region, data
 
@@ -144,15 +143,17 @@ def _write(ranks: Ranks, snap: _Snapshot, tmp: str) -> dict[str, Any]:
     if snap.pieces:
         file = f"rank-{ranks.rank:05d}.safetensors"
         size, crcs = write_pieces(os.path.join(tmp, file), [p[4] for p in snap.pieces])
-    save_object(snap.rng, os.path.join(tmp, f"rng-{ranks.rank:05d}.pt"))
-    return {"file": file, "size": size, "values": snap.values,
+    rng = f"rng-{ranks.rank:05d}.pt"
+    objects = {rng: save_object(snap.rng, os.path.join(tmp, rng))}
+    return {"file": file, "size": size, "values": snap.values, "objects": objects,
             "pieces": [(k, list(s), str(d).removeprefix("torch."), r.to_json(), str(i), c)
                        for i, ((k, s, d, r, _), c) in enumerate(zip(snap.pieces, crcs))]}
 
 
-def _write_and_commit(ranks: Ranks, snap: _Snapshot, path: str, tag: str) -> None:
-    """Collective over ``ranks``: write, then rank 0 indexes and commits; raises on every rank
-    if any rank failed, leaving the previous checkpoint in place."""
+def _write_and_commit(ranks: Ranks, snap: _Snapshot, path: str, tag: str,
+                      on_commit: Callable[[], None] | None) -> None:
+    """Collective over ``ranks``: write, then rank 0 indexes and commits (and runs ``on_commit``);
+    raises on every rank if any rank failed, leaving the previous checkpoint in place."""
     tmp = staging_dir(path, tag)
     error, meta = None, None
     try:
@@ -167,11 +168,14 @@ def _write_and_commit(ranks: Ranks, snap: _Snapshot, path: str, tag: str) -> Non
             if failed:
                 raise CheckpointError("; ".join(failed))
             tensors, files, values = _merge([m for m, _ in metas])
-            save_object(snap.extra, os.path.join(tmp, "extra.pt"))
+            objects = {name: crc for m, _ in metas for name, crc in m["objects"].items()}
+            objects["extra.pt"] = save_object(snap.extra, os.path.join(tmp, "extra.pt"))
             write_index(tmp, {"format": FORMAT, "step": snap.step, "grid": ranks.sizes,
                               "param_groups": snap.param_groups, "values": values, "files": files,
-                              "tensors": tensors})
+                              "objects": objects, "tensors": tensors})
             commit(tmp, path, tag)
+            if on_commit is not None:
+                on_commit()
         except Exception as e:  # noqa: BLE001
             outcome = f"{type(e).__name__}: {e}"
     outcome = ranks.broadcast(outcome)
@@ -212,16 +216,8 @@ def wait_for_pending(engine: Any) -> None:
         pending.wait()
 
 
-def _checkpoint_group(engine: Any, ranks: Ranks) -> dist.ProcessGroup | None:
-    """A gloo group for background saves, made once (collectively: every rank saves)."""
-    model = model_of(engine)
-    if ranks.world > 1 and getattr(model, "_autopar_checkpoint_group", None) is None:
-        model._autopar_checkpoint_group = new_group(backend="gloo")
-    return getattr(model, "_autopar_checkpoint_group", None)
-
-
 def save_checkpoint(engine: Any, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
-                    async_save: bool = False) -> PendingSave | None:
+                    async_save: bool = False, on_commit: Callable[[], None] | None = None) -> PendingSave | None:
     """Save model, optimizer state, step count, RNG states and ``extra`` (e.g. the data loader
     position, a loss scaler's ``state_dict()``: tensors, numbers, strings, lists and dicts) to
     the directory ``path``, replacing a previous checkpoint there only once the new one is
@@ -229,20 +225,30 @@ def save_checkpoint(engine: Any, path: str | os.PathLike, *, extra: Mapping[str,
 
     ``async_save``: return once the state is copied to host memory and write in the background;
     returns a ``PendingSave``. Call its ``wait()`` before ``autopar.destroy()``; the next save or
-    load waits for it anyway."""
+    load waits for it anyway.
+
+    ``path`` must be a new folder, an empty one or an earlier autopar checkpoint holding nothing
+    else; anything else (a regular file, the working directory, a folder with the user's files)
+    raises ``CheckpointError`` on every rank before anything is written. ``on_commit``: run by rank
+    0 right after the new checkpoint is in place (``save_step`` prunes old steps there)."""
     wait_for_pending(engine)
     ranks, path = Ranks(), os.fspath(path)
     start = None
     if ranks.rank == 0:  # the staging directory exists before the other ranks learn its name
         try:
+            check_target(path)
             remove_stale(path)
             start = (uuid.uuid4().hex[:12], None)
             os.makedirs(staging_dir(path, start[0]))
+            write_marker(staging_dir(path, start[0]))
+        except CheckpointError as e:
+            start = (None, str(e))
         except OSError as e:
-            start = (None, f"{type(e).__name__}: {e}")
+            start = (None, f"saving {path} failed, the previous checkpoint is untouched: rank 0: "
+                           f"{type(e).__name__}: {e}")
     tag, problem = ranks.broadcast(start)
     if problem is not None:
-        raise CheckpointError(f"saving {path} failed, the previous checkpoint is untouched: rank 0: {problem}")
+        raise CheckpointError(problem)
     error, snap = None, None
     try:
         snap = _snapshot(engine, ranks.coords, extra)
@@ -250,9 +256,8 @@ def save_checkpoint(engine: Any, path: str | os.PathLike, *, extra: Mapping[str,
         error = e
     ranks.agree(error)
     if not async_save:
-        _write_and_commit(ranks, snap, path, tag)
+        _write_and_commit(ranks, snap, path, tag, on_commit)
         return None
-    background = Ranks(_checkpoint_group(engine, ranks))
-    pending = PendingSave(lambda: _write_and_commit(background, snap, path, tag))
+    pending = PendingSave(lambda: _write_and_commit(ranks, snap, path, tag, on_commit))
     model_of(engine)._autopar_pending_save = pending
     return pending

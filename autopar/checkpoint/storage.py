@@ -13,19 +13,22 @@ Layout of a checkpoint directory::
     rank-00003.safetensors  the pieces rank 3 wrote (1D, keys "0", "1", ...)
     rng-00003.pt            rank 3's RNG states
     extra.pt                the caller's ``extra`` dict
+    .autopar-checkpoint     the ownership marker (``owned``): this folder is autopar's to replace
 
-Integrity: the index records each file's size (a truncated file is named as such) and a CRC32
-of every ``CRC_CHUNK`` elements of every piece, so a reader verifies exactly the chunks it reads
-and never has to read a whole file to detect corruption.
+Integrity: the index records each safetensors file's size (a truncated file is named as such)
+and a CRC32 of every ``CRC_CHUNK`` elements of every piece, so a reader verifies exactly the
+chunks it reads and never has to read a whole file to detect corruption. The small pickled files
+(RNG, ``extra``) are listed under ``objects`` with their size and CRC32 of the whole file.
 
 Atomicity: all ranks write into ``<dir>.tmp-<id>``; rank 0 writes ``index.json`` there last and
 swaps the directory into place (``<dir>`` -> ``<dir>.old-<id>``, tmp -> ``<dir>``, old removed).
 A kill at any point leaves either the previous checkpoint at ``<dir>``, or, inside the instant
-between the two renames, a complete one at ``<dir>.old-<id>``, which ``resolve`` falls back to.
+between the two renames, a complete one at ``<dir>.old-<id>``, which ``owned.resolve`` falls
+back to. Which folders a save may replace or clean up, and how the index is validated: ``owned``.
 """
 from __future__ import annotations
 
-import glob
+import io
 import json
 import os
 import shutil
@@ -69,16 +72,30 @@ def write_pieces(path: str, pieces: list[torch.Tensor]) -> tuple[int, list[list[
     return os.path.getsize(path), [chunk_crcs(t) for t in pieces]
 
 
-def save_object(obj: Any, path: str) -> None:
-    torch.save(obj, path)
-    _fsync(path)
+def save_object(obj: Any, path: str) -> tuple[int, int]:
+    """``torch.save`` ``obj`` to ``path``; returns the file's size and CRC32 for the index."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data), zlib.crc32(data)
 
 
-def load_object(path: str) -> Any:
+def load_object(path: str, expected: tuple[int, int] | None) -> Any:
+    """The object at ``path``, after checking its size and CRC32 against the index (``expected``;
+    None for checkpoints written before objects had checksums)."""
     if not os.path.exists(path):
         raise CheckpointError(f"missing file {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if expected is not None and (len(data), zlib.crc32(data)) != tuple(expected):
+        raise CheckpointError(f"corrupted file {path}: {len(data)} bytes with CRC32 {zlib.crc32(data):08x}, the "
+                              f"index says {expected[0]} bytes with CRC32 {expected[1]:08x}")
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(io.BytesIO(data), weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise CheckpointError(f"corrupted file {path}: {e}") from e
 
@@ -86,17 +103,6 @@ def load_object(path: str) -> Any:
 # --- commit ------------------------------------------------------------------------------------
 def staging_dir(final: str, tag: str) -> str:
     return f"{final.rstrip(os.sep)}.tmp-{tag}"
-
-
-def remove_stale(final: str) -> None:
-    """Leftovers of saves that were killed; called by rank 0 before a new save starts. A moved
-    aside ``.old-`` checkpoint is kept while it is the only complete one."""
-    final = final.rstrip(os.sep)
-    stale = glob.glob(glob.escape(final) + ".tmp-*")
-    if os.path.exists(os.path.join(final, INDEX)):
-        stale += glob.glob(glob.escape(final) + ".old-*")
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_index(tmp: str, index: dict[str, Any]) -> None:
@@ -116,31 +122,6 @@ def commit(tmp: str, final: str, tag: str) -> None:
     os.rename(tmp, final)
     _fsync(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve(path: str) -> str:
-    """``path`` itself, or the complete previous checkpoint a save killed mid-swap left beside it."""
-    path = path.rstrip(os.sep)
-    if os.path.exists(os.path.join(path, INDEX)):
-        return path
-    old = sorted(p for p in glob.glob(glob.escape(path) + ".old-*") if os.path.exists(os.path.join(p, INDEX)))
-    if not os.path.exists(path) and old:
-        return old[-1]
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
-    raise CheckpointError(f"{path} is not a complete autopar checkpoint: {INDEX} is missing (the save "
-                          "did not finish, or the directory holds something else)")
-
-
-def read_index(path: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(path, INDEX)) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"corrupted file {os.path.join(path, INDEX)}: {e}") from e
-    if index.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {index.get('format')!r}, expected {FORMAT!r}")
-    return index
 
 
 # --- reading -----------------------------------------------------------------------------------
