@@ -9,8 +9,9 @@ from .hf import save_pretrained
 from .local import remember_aliases
 from .load import load_checkpoint
 from .pretrained import from_pretrained
+from .resume import resume, save_step
 from .save import PendingSave, save_checkpoint
 from .storage import CheckpointError
 
 __all__ = ["CheckpointError", "PendingSave", "from_pretrained", "full_state_dict", "load_checkpoint", "remember_aliases",
-           "save_checkpoint", "save_pretrained"]
+           "resume", "save_checkpoint", "save_pretrained", "save_step"]
