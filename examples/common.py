@@ -10,6 +10,14 @@ fix to the loop reaches all of them. Each example stays a short, readable recipe
     model = common.build(lambda: LlamaForCausalLM(config), args, LlamaForCausalLM)
     engine = autopar.parallelize(model, optimizer=common.optimizer(args), ...)
     common.train(engine, batches, args, grid, "Llama", unit="tokens", per_step=...)
+
+Surviving preemption: with ``--ckpt-dir DIR`` the loop resumes from the newest checkpoint in DIR
+(``autopar.resume``), saves every ``--save-every`` steps and at the end (``autopar.save_step``),
+and on SIGTERM or SIGUSR1 to any rank (``autopar.PreemptionHook``) every rank saves at the next
+step boundary and the job exits cleanly with status 0. Run the same command again, or let Slurm
+requeue it (``examples/launch/slurm_*.sbatch``), and it continues where it stopped: the batches
+of the finished steps are skipped and the LR schedule continues, so a resumed run trains exactly
+like an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 import autopar
+from autopar.checkpoint.steps import step_path
 from autopar.runtime.state import parse_grid
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -74,14 +83,23 @@ def parser(doc: str, out: str, steps: int = 200, global_batch: int = 16, seq_len
                    help="a local Hugging Face folder (config + weights) to start from instead of the small config")
     p.add_argument("--out", type=Path, default=Path(out) / "metrics.csv",
                    help="per-step CSV; loss.png and cached files go to the same folder")
+    p.add_argument("--ckpt-dir", type=Path, default=None,
+                   help="folder of step checkpoints: resume from the newest, save there every --save-every steps, "
+                        "at the end and when preempted (default: no checkpoints)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end and "
+                                                             "when preempted)")
+    p.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep in --ckpt-dir")
+    p.add_argument("--preempt-signals", default="SIGTERM,SIGUSR1",
+                   help="signals that make every rank save and exit at the next step boundary (with --ckpt-dir)")
     return p
 
 
 def init(args: argparse.Namespace) -> autopar.Grid:
     """``autopar.init`` on the ``--grid`` (or ``AUTOPAR_GRID``), one share of the cores per rank,
     and the run folder."""
-    if min(args.steps, args.global_batch, args.seq_len) < 1:
-        raise SystemExit("--steps, --global-batch and --seq-len must be positive")
+    if min(args.steps, args.global_batch, args.seq_len, args.keep_last) < 1 or args.save_every < 0:
+        raise SystemExit("--steps, --global-batch, --seq-len and --keep-last must be positive, --save-every >= 0")
+    args.start_step = 0  # the step a resumed run continues from (train sets it); the LR schedule reads it
     sizes = args.grid
     if sizes is None:  # an empty dict makes autopar.init read AUTOPAR_GRID
         sizes = {} if os.environ.get("AUTOPAR_GRID") or not args.default_grid else parse_grid(args.default_grid)
@@ -116,10 +134,12 @@ def build(make: Callable[[], nn.Module], args: argparse.Namespace, auto_class: A
 def optimizer(args: argparse.Namespace, schedules: list) -> Callable:
     """AdamW with linear warm-up. The engine builds the optimizer once it knows this rank's
     parameters (with pp > 1, in the first step), so the schedule is attached in the factory and
-    collected in ``schedules`` for the loop to step."""
+    collected in ``schedules`` for the loop to step. A resumed run continues the schedule at
+    ``args.start_step``: with pp > 1 the schedule is built in the first step, after ``resume``."""
     def make(params):
         opt = torch.optim.AdamW(params, lr=args.lr)
-        schedules.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1))))
+        schedules.append(torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + args.start_step + 1) / (args.warmup + 1))))
         return opt
     return make
 
@@ -175,23 +195,46 @@ def _memory_mib(engine: autopar.Engine) -> dict[str, float]:
     return {"model_mem_mib": report.total("device") / 2**20, "peak_mem_mib": peak / 2**20}
 
 
+def _resume(engine: autopar.Engine, batches: Iterator[Any], args: argparse.Namespace) -> int:
+    """The step to start from: the newest checkpoint in ``--ckpt-dir`` is loaded and the batches
+    of its steps are drawn and dropped, so the data continues as in an uninterrupted run."""
+    if args.ckpt_dir is None:
+        return 0
+    start = autopar.resume(engine, args.ckpt_dir, keep_last=args.keep_last)
+    for _ in range(start):
+        next(batches)
+    args.start_step = start
+    if start and engine.grid.rank == 0:
+        print(f"resumed from {step_path(args.ckpt_dir, start)}", flush=True)
+    return start
+
+
 def train(engine: autopar.Engine, batches: Iterator[Any], args: argparse.Namespace, title: str, unit: str,
           per_step: int, schedules: list) -> list[dict]:
-    """The training loop: ``args.steps`` steps on this rank's share of each global batch. Rank 0
-    shows a progress bar, writes one CSV row per step (loss, ``unit``/s, step time, memory), and at
-    the end the loss curve (``loss.png``) and a summary. ``per_step``: ``unit``s per global batch."""
+    """The training loop: steps up to ``args.steps`` on this rank's share of each global batch,
+    from the newest checkpoint in ``--ckpt-dir`` if there is one. Rank 0 shows a progress bar,
+    writes one CSV row per step (loss, ``unit``/s, step time, memory; appended to when resuming),
+    and at the end the loss curve of this run (``loss.png``) and a summary. ``per_step``:
+    ``unit``s per global batch."""
     grid = engine.grid
     is_main = grid.rank == 0
     rate = f"{unit}_per_s"
     rows: list[dict] = []
+    first = _resume(engine, batches, args)
     start = time.perf_counter()
+    stopped = None
     with contextlib.ExitStack() as stack:
+        preempt = None
+        if args.ckpt_dir is not None:
+            preempt = stack.enter_context(autopar.PreemptionHook(args.preempt_signals.split(",")))
         if is_main:
-            metrics = stack.enter_context(open(args.out, "w", newline=""))
+            append = first > 0 and args.out.exists()
+            metrics = stack.enter_context(open(args.out, "a" if append else "w", newline=""))
             writer = csv.DictWriter(metrics, ["step", "loss", rate, "step_time_s", "elapsed_s",
                                               "model_mem_mib", "peak_mem_mib"])
-            writer.writeheader()
-        bar = stack.enter_context(tqdm(range(1, args.steps + 1), disable=not is_main, unit="step"))
+            if not append:
+                writer.writeheader()
+        bar = stack.enter_context(tqdm(range(first + 1, args.steps + 1), disable=not is_main, unit="step"))
         for step in bar:
             batch = autopar.shard_batch(next(batches))
             t0 = time.perf_counter()
@@ -205,14 +248,30 @@ def train(engine: autopar.Engine, batches: Iterator[Any], args: argparse.Namespa
                 writer.writerow(rows[-1])
                 metrics.flush()  # readable while the run goes on
                 bar.set_postfix(loss=f"{loss:.3f}", **{unit[:3] + "_s": f"{rows[-1][rate]:.0f}"})
+            if preempt is None:
+                continue
+            stop = preempt.should_stop()  # collective: every rank takes the same branch
+            if stop or step == args.steps or (args.save_every and step % args.save_every == 0):
+                autopar.save_step(engine, args.ckpt_dir, step, keep_last=args.keep_last)
+            if stop:
+                stopped = (step, preempt.received)
+                break
     train_time = time.perf_counter() - start
-    if is_main:
+    if is_main and stopped is not None:
+        signal_name = stopped[1].name if stopped[1] is not None else "another rank's signal"
+        print(f"\npreempted ({signal_name}) after step {stopped[0]}: saved "
+              f"{step_path(args.ckpt_dir, stopped[0])}, exiting; run the same command "
+              "again to resume", flush=True)
+    if is_main and rows:
         sizes = " ".join(f"{a}={n}" for a, n in grid.sizes.items() if n > 1 or a == "dp")
         save_loss_plot(rows, args.out.parent / "loss.png", f"{title} on {grid.world_size} rank(s): {sizes}")
-        print(f"\nsummary: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; "
+        resumed = f" (resumed after step {first})" if first else ""
+        print(f"\nsummary: {len(rows)} steps{resumed}, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; "
               f"{per_step * len(rows) / train_time:,.0f} {unit}/s over {train_time:.1f} s of training; "
               f"model memory {rows[-1]['model_mem_mib']:.1f} MiB on rank 0\n"
               f"wrote {args.out} and {args.out.parent / 'loss.png'}", flush=True)
+    elif is_main:
+        print(f"nothing to train: the checkpoint in {args.ckpt_dir} is at step {first} of {args.steps}", flush=True)
     return rows
 
 

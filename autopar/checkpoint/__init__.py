@@ -9,7 +9,7 @@ from .hf import save_pretrained
 from .local import remember_aliases
 from .load import load_checkpoint
 from .pretrained import from_pretrained
-from .resume import resume, save_step
+from .steps import resume, save_step
 from .save import PendingSave, save_checkpoint
 from .storage import CheckpointError
 
