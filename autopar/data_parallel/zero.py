@@ -75,8 +75,14 @@ def check_elementwise(optimizer: torch.optim.Optimizer) -> None:
 
 def gather_params(buckets: Sequence[Bucket]) -> None:
     """All-gather every bucket's updated shard into its flat buffer, in place; all launched
-    before the first wait so they overlap each other."""
+    before the first wait so they overlap each other. The parameters are views of that buffer
+    whose version counters the collective does not bump, so they are bumped here: whatever
+    tells a changed weight by its ``_version`` (autograd's saved-tensor check, the depth
+    prefetcher) sees the update as it sees any optimizer's in-place step."""
     handles = [dist.all_gather_single(b.flat_param, b.shard_param.detach(), group=b.group, async_op=True)
                for b in buckets]
     for handle in handles:
         handle.wait()
+    for bucket in buckets:
+        for p in bucket.params:
+            torch.autograd.graph.increment_version(p)

@@ -6,20 +6,33 @@ order in which layers really run (not the order in which they were registered: H
 heads before bodies, tied layers run twice...); from then on, while layer i computes, the
 gather for layer i+1 is already in flight.
 
-Safety: a prefetched block is used only if the weight has not changed since it was launched
-(``param._version``, bumped by every in-place optimizer update); otherwise it is dropped and
-gathered again. Nothing is prefetched across the end of the order, so no gather outlives the
-forward that launched it by more than one layer. A layer that runs twice in one forward ends
-the recording early: later layers then simply gather on demand.
+Safety: a prefetched block belongs to the one layer call that comes next. If the next gather
+asked for is any other layer's, the prefetch is dropped and gathered again on demand. The
+weight's ``_version`` alone cannot tell a stale block: ZeRO rewrites parameters through views
+of its flat buffer, and a forward recomputed inside backward (activation recompute) prefetches
+for a layer whose backward is already done, whose next call is then the *next step's* forward,
+after the optimizer step. With the next-call rule such a prefetch meets the next step's first
+layer instead and is dropped; the version check (``param._version``, bumped by in-place updates,
+and by ZeRO's parameter all-gather) remains for a forward that ends after layer i while the next
+one starts at i+1. At most one gather is ever in flight, and nothing is prefetched across the
+end of the order. A layer that runs twice in one forward ends the recording early: later
+layers then simply gather on demand.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from ..runtime.grid import Grid
 from .comm import start_depth_gather
+
+
+class _Pending(NamedTuple):
+    layer: int  # id of the layer the block belongs to
+    flat: Tensor
+    work: Any
+    version: int
 
 
 class Prefetcher:
@@ -29,12 +42,12 @@ class Prefetcher:
         self.order: list[nn.Module] = []
         self.position: dict[int, int] = {}  # id(layer) -> index in order
         self.recording = True
-        self.pending: dict[int, tuple[Tensor, Any, int]] = {}  # id(layer) -> (flat, work, version)
+        self.pending: _Pending | None = None
         self.hits = 0
 
     def __getstate__(self) -> dict:
-        """Copies (``copy.deepcopy`` of a model) start without in-flight gathers."""
-        return {**self.__dict__, "pending": {}}
+        """Copies (``copy.deepcopy`` of a model) start without an in-flight gather."""
+        return {**self.__dict__, "pending": None}
 
     def gathered(self, layer: nn.Module, grid: Grid) -> Tensor | None:
         """The prefetched flat block of ``layer`` (or None), and launch the next layer's."""
@@ -45,13 +58,11 @@ class Prefetcher:
                 self.position[id(layer)] = len(self.order)
                 self.order.append(layer)
         flat = None
-        entry = self.pending.pop(id(layer), None)
+        entry, self.pending = self.pending, None
         if entry is not None:
-            flat, work, version = entry
-            work.wait()
-            if version != layer.weight._version:
-                flat = None
-            else:
+            entry.work.wait()  # also when dropped: the buffer may not be freed while in flight
+            if entry.layer == id(layer) and entry.version == layer.weight._version:
+                flat = entry.flat
                 self.hits += 1
         if not self.recording:
             self._launch_after(layer, grid)
@@ -62,7 +73,5 @@ class Prefetcher:
         if index is None or index + 1 >= len(self.order):
             return
         following = self.order[index + 1]
-        if id(following) in self.pending:
-            return
         flat, work = start_depth_gather(following.weight, grid, async_op=True)
-        self.pending[id(following)] = (flat, work, following.weight._version)
+        self.pending = _Pending(id(following), flat, work, following.weight._version)
