@@ -2,8 +2,9 @@
 
 The order of one step, and why:
 1. slice the rank's batch into microbatches (gradient accumulation inside one call);
-2. forward + backward each, with the loss pre-scaled by 1/(M * dp * z) so every gradient sync
-   afterwards is a plain sum (see ``runtime.params``);
+2. forward + backward each, with each microbatch's loss weighted by its share of the global
+   batch's items (``runtime.loss_weights``: labels counted over every rank before any forward),
+   so every gradient sync afterwards is a plain sum (see ``runtime.params``);
 3. sum gradients over the axes each parameter is replicated on (``data_parallel``: buckets
    reduced from backward hooks, so most of it overlaps step 2);
 4. clip against the global norm of the serial model;
@@ -25,6 +26,7 @@ from .intra_layer.autochain import layout_pending
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
+from .runtime.loss_weights import ItemCounter, LossWeights, Scale, label_counter
 from .runtime.params import clip_grad_norm_
 from .runtime.precision import Precision, check_precision, drop_grads
 from .runtime.state import current_grid
@@ -56,10 +58,11 @@ class Engine:
                  clip_grad_norm: float | None, virtual_stages: int = 1,
                  split_points: Sequence[str] | None = None,
                  recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
-                 zero: int = 0, precision: str = "fp32") -> None:
+                 zero: int = 0, precision: str = "fp32", sample_batch: Any = None,
+                 loss_items: ItemCounter | None = None) -> None:
         self.grid = current_grid()
         remember_aliases(model)  # checkpoints name tied weights as the serial model does
-        self.model = model.to(self.grid.device)
+        self.model = model
         pipelined = self.grid.sizes["pp"] > 1
         # One switch, two mechanisms: with pp > 1 the pipeline recomputes whole stages (it owns
         # the block boundaries); with pp = 1 the chosen modules are wrapped in place.
@@ -70,7 +73,6 @@ class Engine:
             raise ValueError(f"recompute={recompute!r}: a list of stages needs pp > 1; with pp = 1 "
                              "use True or a callable policy(name, module) -> bool")
         self.recomputed = [] if pipelined else apply_recompute(self.model, recompute)
-        self.activation_meter = ActivationMeter(self.model)
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.offload = offload
@@ -80,8 +82,10 @@ class Engine:
         # Called once the optimizer exists and its parameters' layout is final (after the first
         # forward when that still splits the pipeline or chains layers), e.g. to load its state.
         self.on_optimizer: list[Callable[[], None]] = []
-        # Each microbatch's local mean loss stands for 1/(M*dp*z) of the global mean.
-        self._loss_scale = 1.0 / (num_microbatches * self.grid.batch_shards)
+        # Each microbatch's mean loss enters weighted by its share of the global batch's items.
+        if loss_items is None and loss_fn is None:
+            loss_items = label_counter(model)
+        self.loss_weights = LossWeights(loss_items, self.grid)
         # Forward (model call + loss) under autocast; fp16 also scales the loss's gradient.
         self.precision = Precision(precision, self.grid)
         self.loss_scaler = self.precision.scaler  # fp16 only: .scale, .skipped_steps
@@ -95,19 +99,33 @@ class Engine:
         self._accumulated = 0  # step calls made inside no_sync() since the last optimizer step
         self._no_sync_depth = 0
         self._layout_pending = True
-        if self.grid.sizes["pp"] > 1:
-            # The split needs one traced forward, so the stage's parameters (and the optimizer
-            # over them) only exist after the first step.
+        if pipelined:
+            # Split first, on the host: other stages' weights are dropped before anything moves
+            # to the device, so the device only ever holds this rank's stage.
             self.pipeline = Pipeline(self.model, self.grid, schedule=schedule, num_microbatches=num_microbatches,
                                      virtual_stages=virtual_stages, split_points=split_points,
-                                     recompute=recompute, call=self._call,
-                                     loss=self._forward_loss, loss_scale=self._loss_scale)
-            self.params: list[nn.Parameter] = []
-            self.optimizer: torch.optim.Optimizer | None = None
+                                     recompute=recompute, call=self._call, loss=self._forward_loss,
+                                     sample_batch=sample_batch)
+            self.pipeline.on_weight_grads = self._set_sync
+            if self.pipeline.chunk_of is not None:  # split already (sample_batch)
+                self.params: list[nn.Parameter] = self.pipeline.params
+                self.optimizer: torch.optim.Optimizer = self._make_optimizer(self.params)
+                self._layout_pending = False
+            else:
+                # The user's own optimizer object exists now (LR schedulers attach to it) over
+                # every parameter; optimizers create state at their first step, so this costs
+                # nothing. The split (first forward) rebuilds it over the stage's parameters.
+                self.params = []
+                self.optimizer = optimizer([p for p in self.model.parameters() if p.requires_grad])
+                self.pipeline.on_split = self._after_split
         else:
+            if sample_batch is not None:
+                raise ValueError("sample_batch is used to split a pipeline; it needs pp > 1")
+            self.model.to(self.grid.device)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = self._make_optimizer(self.params)
             self._layout_pending = layout_pending(self.model)
+        self.activation_meter = ActivationMeter(self.model)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """Gradient buckets over ``params``, then the user's optimizer, built by the stepper that
@@ -119,6 +137,19 @@ class Engine:
         self.dp.check_optimizer(self.stepper.optimizer)
         return self.stepper.optimizer
 
+    def _after_split(self) -> None:
+        """The first forward split the pipeline: build buckets and stepper over this stage's
+        parameters, and let the user's optimizer object take over the real one's insides, so
+        schedulers attached to it keep working (their per-group settings are carried over)."""
+        placeholder = self.optimizer
+        self.params = self.pipeline.params
+        real = self._make_optimizer(self.params)
+        if len(placeholder.param_groups) == len(real.param_groups):
+            for old, new in zip(placeholder.param_groups, real.param_groups):
+                new.update({k: v for k, v in old.items() if k != "params"})
+        placeholder.__dict__.update(real.__dict__)
+        self.stepper.optimizer = placeholder
+
     def _loss(self, output: Any, batch: Any) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(output, batch)
@@ -128,26 +159,66 @@ class Engine:
                              "to autopar.parallelize, or include labels in the batch")
         return loss
 
+    def _micros(self, batch: Any) -> tuple[list[Any], Scale]:
+        batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
+        micros = split_batch(batch, self.num_microbatches, "microbatches")
+        return micros, self.loss_weights.for_step(micros)
+
     def forward_backward(self, batch: Any) -> torch.Tensor:
         """Forward and backward over all microbatches of this rank's batch; returns the sum of
-        the microbatch losses (detached, on device) without syncing gradients."""
-        batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
+        the weighted microbatch losses (detached, on device) without syncing gradients."""
+        micros, scale = self._micros(batch)
         if self.pipeline is not None:
-            with self.dp.no_sync() if self._no_sync_depth and self.dp is not None else contextlib.nullcontext():
-                total = self.pipeline.run(batch)
-            if self.optimizer is None:  # the first step made the stages: their gradients are reduced in finish()
-                self.params = self.pipeline.params
-                self.optimizer = self._make_optimizer(self.params)
-                self.pipeline.on_weight_grads = self._set_sync
-            return total
+            with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
+                return self.pipeline.run(micros, scale)
         total = torch.zeros((), device=self.grid.device)
         with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
-            for i, micro in enumerate(split_batch(batch, self.num_microbatches, "microbatches")):
-                loss = self._forward_loss(self._call(self.model, micro), micro)
-                self._set_sync(i == self.num_microbatches - 1)  # only the last backward reduces
-                (loss * self._loss_scale).backward()
+            for i, micro in enumerate(micros):
+                loss = scale(self._forward_loss(self._call(self.model, micro), micro), i)
+                self._set_sync(i == len(micros) - 1)  # only the last backward reduces
+                loss.backward()
                 total += loss.detach().float()
         return total
+
+    @torch.no_grad()
+    def eval_step(self, batch: Any) -> float:
+        """The global mean loss of this rank's share of a global batch, as ``step`` computes it,
+        without gradients, optimizer step or any change of state (``model.eval()`` meanwhile:
+        no dropout, no running-statistics updates). The same float on every rank."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            micros, scale = self._micros(batch)
+            if self.pipeline is not None:
+                total = self.pipeline.run(micros, scale, mode="eval")
+            else:
+                total = torch.zeros((), device=self.grid.device)
+                for i, micro in enumerate(micros):
+                    total += scale(self._forward_loss(self._call(self.model, micro), micro), i).float()
+        finally:
+            self.model.train(was_training)
+        return self._global_loss(total)
+
+    @torch.no_grad()
+    def forward(self, batch: Any, broadcast: bool = False) -> Any:
+        """The model's output on this rank's batch (in eval mode, no gradients). With pp > 1 it
+        exists on the last stage; the other stages get None, or with ``broadcast=True`` a copy
+        from the last stage of their pipeline (a pickled object exchange, for metrics)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
+            if self.pipeline is None:
+                return self._call(self.model, batch)
+            outputs = self.pipeline.run([batch], lambda loss, i: loss, mode="output")
+        finally:
+            self.model.train(was_training)
+        output = outputs[0] if outputs else None
+        if broadcast:
+            box = [map_tensors(output, lambda t: t.cpu()) if output is not None else None]
+            dist.broadcast_object_list(box, src=self.grid.ranks("pp")[-1], group=self.grid.group("pp"))
+            output = map_tensors(box[0], lambda t: t.to(self.grid.device))
+        return output
 
     @property
     def layout_final(self) -> bool:
@@ -211,8 +282,8 @@ class Engine:
         return self._global_loss(total)
 
     def _global_loss(self, total: torch.Tensor) -> float:
-        """The global mean loss from this rank's sum of microbatch losses, the same on every rank."""
-        total *= self._loss_scale
+        """The global mean loss from this rank's sum of weighted microbatch losses, the same on
+        every rank."""
         if self.grid.size("pp", "dp", "z") > 1:  # only the last stage's total is non-zero
             dist.all_reduce(total, group=self.grid.group("pp", "dp", "z"))
         return float(total)
@@ -223,7 +294,8 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
                 loss_fn: LossFn | None = None, clip_grad_norm: float | None = None,
                 virtual_stages: int = 1, split_points: Sequence[str] | None = None,
                 recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
-                zero: int = 0, precision: str = "fp32") -> Engine:
+                zero: int = 0, precision: str = "fp32", sample_batch: Any = None,
+                loss_items: ItemCounter | None = None) -> Engine:
     """Wrap ``model`` for training on the current grid.
 
     ``optimizer`` is a factory called with this rank's parameters (they may be shards).
@@ -241,6 +313,13 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     ``precision``: "fp32"; "bf16" (forward under bf16 autocast); "fp16" (fp16 autocast and dynamic
     loss scaling, ``engine.loss_scaler``: overflowing steps are skipped on every rank). Weights,
     gradients, their reduction and the optimizer stay fp32 (``autopar.runtime.precision``).
+    ``sample_batch`` (pp > 1): a batch like the ones ``step`` will get; the model is traced on it
+    (units on the meta device) so the split balances forward FLOPs in call order, instead of
+    parameters in registration order. Either way the split happens here, each rank moves only
+    its own stage to the device, and ``engine.optimizer`` exists when this returns.
+    ``loss_items(batch) -> Tensor``: with a custom ``loss_fn`` that averages over items (tokens),
+    how many this batch holds, so the loss is normalised over the global batch exactly as the
+    serial loss is (``autopar.runtime.loss_weights``; HF labels are counted without it).
     """
     grid = current_grid()
     if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
@@ -261,5 +340,5 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     return Engine(model, optimizer, num_microbatches=num_microbatches, schedule=schedule,
                   offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
                   virtual_stages=virtual_stages, split_points=split_points,
-                  recompute=recompute,
-                  bucket_mb=bucket_mb, zero=zero, precision=precision)
+                  recompute=recompute, bucket_mb=bucket_mb, zero=zero, precision=precision,
+                  sample_batch=sample_batch, loss_items=loss_items)

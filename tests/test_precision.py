@@ -176,15 +176,16 @@ def _engine(kind: str, precision: str):
 
 
 def _record_sends(engine) -> list[tuple[int, int, list[torch.dtype]]]:
-    """Wrap the pipeline's sends (after the first step made them) to record their dtypes."""
+    """Wrap the pipeline's grouped launches to record the dtypes of what they send."""
     sent: list[tuple[int, int, list[torch.dtype]]] = []
     p2p = engine.pipeline.p2p
-    send = p2p.send
+    post = p2p.post
 
-    def recording(tensors, stage, kind, chunk, mb):
-        sent.append((kind, chunk, [t.dtype for t in tensors]))
-        return send(tensors, stage, kind, chunk, mb)
-    p2p.send = recording
+    def recording(step, outbox, metas):
+        for msg in step.sends:
+            sent.append((msg.kind, msg.chunk, [t.dtype for t in outbox[msg]]))
+        return post(step, outbox, metas)
+    p2p.post = recording
     return sent
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
@@ -76,7 +77,7 @@ class ShardedModule(nn.Module):
     def full_block(self, spec: ShardSpec, grid: Grid) -> Tensor:
         """This rank's (y, x) block of the weight, gathered over z (prefetched when possible)."""
         gathered = None
-        if self.prefetcher is not None and grid.size("z") > 1:
+        if self.prefetcher is not None and grid.size("z") > 1 and not is_fake(self.weight):  # pipeline trace
             gathered = self.prefetcher.gathered(self, grid)
         return depth_gather(self.weight, grid, spec.block_shape, gathered)
 

@@ -1,7 +1,13 @@
-"""The pipeline runtime: one rank's chunks of an unmodified model, driven by a schedule.
+"""The pipeline runtime: one rank's chunks of an unmodified model, driven by a program.
 
-Every rank keeps the model object and runs its real ``forward``; only the units (see
-``split``) are intercepted. For a pass of chunk ``c`` (call positions ``start..end``):
+The split is made from a trace (``trace``: units on the meta device, so it costs no FLOPs and
+no memory): of ``sample_batch`` when the pipeline is built, else of the first microbatch it
+runs. Until then the units stay where the user built them (the host); then other stages' units
+are stripped (1-element stand-ins with the right shape, dtype and tags, created on the device)
+and only this rank's stage is moved to the device. No rank ever holds the whole model there.
+
+Every rank keeps the model object and runs its real ``forward``; only the units are
+intercepted. For a pass of chunk ``c`` (call positions ``start..end``):
 
 * a unit before ``start`` does not run: it returns the tensors received from the previous stage
   where they are needed later, and cheap zero stand-ins (with the traced shapes) elsewhere;
@@ -10,10 +16,10 @@ Every rank keeps the model object and runs its real ``forward``; only the units 
   which runs to the end of the forward and the loss.
 
 The glue code between units therefore runs on every stage, which is what keeps masks, position
-ids and other non-tensor values right without shipping them. Units of other stages are
-stripped of their storage (1-element stand-ins with the right shape, dtype and device) so a
-rank only holds its own weights. Modules are only moved between owners, never rebuilt, so a
-unit may contain tensor-parallel layers.
+ids and other non-tensor values right without shipping them. Each new microbatch signature
+(shapes and dtypes of the batch) is traced once (``trace``, units on meta) and its plan cached,
+so sequence lengths may change from step to step at the cost of one glue-only forward each.
+Transfers follow ``program``: grouped launches at exchange points both ends agree on.
 """
 from __future__ import annotations
 
@@ -25,20 +31,20 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from ..runtime.batch import split_batch
-from ..runtime.grid import Grid, coords_of, rank_of
-from ..runtime.params import mark_norm_duplicate
-from ..runtime.state import new_group
-from .comm import P2P
-from .schedules import Action, build_schedule, check_schedule
-from .split import Flow, Key, TensorMeta, Tracer, UntraceableModel, find_units, forced_bounds, log_split, partition, unit_costs
+from ..runtime.grid import Grid
+from .comm import P2P, Meta
+from .placement import place_units
+from .program import ACT, GRAD, Message, Post, Step, rank_programs
+from .schedules import Action, check_schedule
+from .split import assign_chunks, call_bounds, find_units, log_split, unit_costs
+from .trace import Flow, Key, TensorMeta, Tracer, UntraceableModel
 from .zero_bubble import backward_input, backward_weight
 
-LOOKAHEAD = 2  # receives posted this many actions ahead, so transfers overlap compute
-ACT, GRAD = 0, 1
+Scale = Callable[[torch.Tensor, int], torch.Tensor]  # (microbatch loss, index) -> its share of the global loss
 
 
 class _ChunkDone(BaseException):
@@ -57,18 +63,30 @@ class _Pass:
     produced: dict[Key, torch.Tensor]
 
 
+@dataclass
+class Plan:
+    """What the trace of one microbatch signature taught every stage."""
+    flow: Flow
+    bounds: list[int]                 # call position where each chunk starts, plus the end
+    position: dict[int, int]          # unit -> call position
+    live: list[list[Key]]             # live[c]: unit outputs that enter chunk c
+    metas: list[list[TensorMeta]]
+    floating: list[list[int]]         # which of them carry gradients back
+    zeros: dict[Any, torch.Tensor]
+
+
 def _signature(batch: Any) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor))
 
 
 class Pipeline:
-    """Splits ``model`` into ``pp * virtual_stages`` chunks at the first step and runs them."""
+    """Splits ``model`` into ``pp * virtual_stages`` chunks at construction and runs them."""
 
     def __init__(self, model: nn.Module, grid: Grid, *, schedule: str, num_microbatches: int,
                  virtual_stages: int, split_points: Sequence[str] | None,
                  recompute: bool | Sequence[int],
                  call: Callable[[nn.Module, Any], Any], loss: Callable[[Any, Any], torch.Tensor],
-                 loss_scale: float) -> None:
+                 sample_batch: Any = None) -> None:
         pp = grid.sizes["pp"]
         self.model, self.grid, self.schedule = model, grid, schedule
         self.m, self.v, self.pp, self.rank = num_microbatches, virtual_stages, pp, grid.coords["pp"]
@@ -87,11 +105,11 @@ class Pipeline:
         if self.ckpt_stages and schedule == "zerobubble":
             raise ValueError("recompute is not supported with schedule='zerobubble' "
                              "(its weight gradients replay saved activations after B); use '1f1b'")
-        self.split_points = split_points
-        self.call, self.loss, self.loss_scale = call, loss, loss_scale
+        self.call, self.loss = call, loss
         self.tracer: Tracer | None = None
-        self.flow: Flow | None = None
         self.ctx: _Pass | None = None
+        self.plan: Plan | None = None
+        self.plans: dict[tuple, Plan] = {}
         # Set to [] to record (kind, chunk, mb, start, end) per action, start taken once its
         # receives have arrived, i.e. busy time only; host clock, so CPU runs only (bench/).
         self.timeline: list[tuple[str, int, int, float, float]] | None = None
@@ -103,6 +121,69 @@ class Pipeline:
         for i, module in enumerate(self.units.modules):
             module.forward = functools.partial(self._call_unit, i, module.forward)
         model._autopar_pipeline = self
+        # Called once the split is made and ``params`` known (the engine builds its optimizer).
+        self.on_split: Callable[[], None] | None = None
+        self.chunk_of: dict[int, int] | None = None
+        self.params: list[nn.Parameter] = []
+        self.tied: list = []
+        inside = {id(m) for unit in self.units.modules for m in unit.modules()}
+        for module in model.modules():  # the glue's own tensors go to the device now
+            if id(module) not in inside:
+                module._apply(lambda t: t.to(grid.device), recurse=False)
+        if sample_batch is not None:
+            micro = split_batch(sample_batch, self.m, "microbatches")[0]
+            micro = tree_map_only(torch.Tensor, lambda t: t.to(grid.device), micro)
+            flow = self._trace(micro, grid.device)
+            self._split(flow)
+            self._adopt(_signature(micro), flow)
+        self.p2p = P2P(grid.group("pp"), grid.ranks("pp"), grid.device, self.chunks, self.m)
+        self.programs: dict[tuple[str, int], list[Step]] = {}
+        self.program("train", self.m)
+        # NCCL wants every rank of a group in the first batch_isend_irecv on it; a collective
+        # first creates the communicator on all of them together.
+        dist.all_reduce(torch.zeros(1, device=grid.device), group=grid.group("pp"))
+
+    # -- the split (construction) ------------------------------------------------------------
+    def _split(self, flow: Flow) -> None:
+        order = flow.order
+        costs = unit_costs(self.units, flow)
+        self.chunk_of = assign_chunks(self.units, order, costs, self.chunks)
+        last = (self.chunks - 1) % self.pp
+        self.glue_owners: dict[str, set[int]] = {}
+        for name in self.units.glue:
+            uses = flow.glue_uses.get(name, set())
+            self.glue_owners[name] = {last if p < 0 else self.chunk_of[flow.order[p]] % self.pp
+                                      for p in uses} or {last}
+        self.split_report = log_split(self.units, order, self.chunk_of, costs, self.chunks) \
+            if self.grid.rank == 0 else ""
+        self.costs = costs  # per call position
+        self.my_chunks = [c for c in range(self.chunks) if c % self.pp == self.rank]
+        self.params, self.tied = place_units(self.model, self.units, self.chunk_of, self.glue_owners,
+                                             self.grid, self.pp)
+        for u, module in enumerate(self.units.modules):
+            if u not in self.chunk_of or self.chunk_of[u] % self.pp == self.rank:
+                module.to(self.grid.device)
+        if self.on_split is not None:
+            self.on_split()
+
+    @property
+    def bounds(self) -> list[int]:
+        return self.plan.bounds if self.plan is not None else []
+
+    @property
+    def metas(self) -> list[list[TensorMeta]]:
+        return self.plan.metas
+
+    @property
+    def floating(self) -> list[list[int]]:
+        return self.plan.floating
+
+    def program(self, mode: str, m: int) -> list[Step]:
+        key = (mode, m)
+        if key not in self.programs:
+            schedule = self.schedule if mode == "train" else "forward"
+            self.programs[key] = rank_programs(schedule, self.pp, m, self.v)[self.rank]
+        return self.programs[key]
 
     # -- interception ---------------------------------------------------------------------
     def _call_unit(self, unit: int, forward: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -110,13 +191,11 @@ class Pipeline:
             return self.tracer.call(unit, forward, args, kwargs)
         ctx = self.ctx
         if ctx is None:
-            if self.flow is None:
-                return forward(*args, **kwargs)
             raise RuntimeError(f"{self.units.names[unit]} is part of a model split over pipeline "
-                               "stages; run it through Engine.step")
-        pos = self.position.get(unit)
+                               "stages; run it through Engine.step, Engine.eval_step or Engine.forward")
+        pos = self.plan.position.get(unit)
         if pos is None:
-            raise UntraceableModel(f"{self.units.names[unit]} was not called in the traced first step; "
+            raise UntraceableModel(f"{self.units.names[unit]} was not called in the traced forward; "
                                    "the pipeline split needs the same modules called at every step")
         if pos < ctx.start:
             return self._stand_in(pos, ctx)
@@ -132,94 +211,63 @@ class Pipeline:
         return out
 
     def _stand_in(self, pos: int, ctx: _Pass) -> Any:
-        flow = self.flow
+        plan = self.plan
         leaves = []
-        for j, meta in enumerate(flow.leaves[pos]):
+        for j, meta in enumerate(plan.flow.leaves[pos]):
             if (pos, j) in ctx.received:
                 leaves.append(ctx.received[(pos, j)])
             elif isinstance(meta, TensorMeta):  # shared: nothing that uses it reaches the loss
-                if meta not in self._zeros:
-                    self._zeros[meta] = torch.zeros(meta.shape, dtype=meta.dtype, device=self.grid.device)
-                leaves.append(self._zeros[meta])
+                if meta not in plan.zeros:
+                    plan.zeros[meta] = torch.zeros(meta.shape, dtype=meta.dtype, device=self.grid.device)
+                leaves.append(plan.zeros[meta])
             else:
                 leaves.append(meta)
-        return tree_unflatten(leaves, flow.specs[pos])
+        return tree_unflatten(leaves, plan.flow.specs[pos])
 
-    # -- planning (first step) --------------------------------------------------------------
-    def _plan(self, micro: Any) -> None:
-        self.tracer = Tracer(self.units)
+    # -- tracing (once per microbatch signature) --------------------------------------------
+    def _trace(self, micro: Any, device: torch.device) -> Flow:
+        self.tracer = Tracer(self.model, self.units.names, self.units.modules, set(self.units.glue), device)
         try:
-            with self.tracer.counter:
+            with self.tracer.active():
                 loss = self.loss(self.call(self.model, micro), micro)
-            flow = self.tracer.finish(loss)
+            return self.tracer.finish(loss)
         finally:
             self.tracer = None
-        costs = unit_costs(self.units, flow)
-        bounds = forced_bounds(self.units, flow, self.split_points) if self.split_points is not None \
-            else partition(costs, self.chunks)
-        self.split_report = log_split(self.units, flow, bounds, costs) if self.grid.rank == 0 else ""
-        self.flow, self.bounds, self.costs = flow, bounds, costs
-        self.position = {u: pos for pos, u in enumerate(flow.order)}
-        self.live = [flow.live(b) for b in bounds]   # live[c]: what enters chunk c
-        self.metas = [[flow.leaves[p][j] for p, j in keys] for keys in self.live]
-        self.floating = [[i for i, (_, dt) in enumerate(ms) if dt.is_floating_point] for ms in self.metas]
-        self.my_chunks = [c for c in range(self.chunks) if c % self.pp == self.rank]
-        self.signature = _signature(micro)
-        self._zeros: dict[Any, torch.Tensor] = {}
-        self._place_units()
-        self.p2p = P2P(self.grid.group("pp"), self.grid.ranks("pp"), self.grid.device, self.chunks + 1,
-                       self.m, max(len(k) for k in self.live))
-        self.actions = build_schedule(self.schedule, self.pp, self.rank, self.m, self.v)
-        # Zero bubble accumulates weight gradients in W; the other schedules in B.
-        self.grad_kind = "W" if self.schedule == "zerobubble" else "B"
-        last = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == self.grad_kind}
-        self.final_grad_actions = set(last.values())
 
-    def _chunk_of(self, pos: int) -> int:
-        return next(c for c in range(self.chunks) if self.bounds[c] <= pos < self.bounds[c + 1])
+    def _adopt(self, signature: tuple, flow: Flow) -> Plan:
+        bounds = call_bounds(self.units, flow, self.chunk_of, self.chunks, self.glue_owners, self.pp)
+        live = [flow.live(b) for b in bounds[:-1]]
+        metas = [[flow.leaves[p][j] for p, j in keys] for keys in live]
+        plan = Plan(flow, bounds, {u: pos for pos, u in enumerate(flow.order)}, live, metas,
+                    [[i for i, (_, dt) in enumerate(ms) if dt.is_floating_point] for ms in metas], {})
+        self.plans[signature] = plan
+        return plan
 
-    def _place_units(self) -> None:
-        """Strip other stages' units; find weights shared across stages (tied embeddings) and
-        build, on every rank in the same order, a group per set of stages sharing one."""
-        owners: dict[int, set[int]] = {}
-        by_id: dict[int, nn.Parameter] = {}
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        for pos, u in enumerate(self.flow.order):
-            for p in self.units.modules[u].parameters():
-                owners.setdefault(id(p), set()).add(self._chunk_of(pos) % self.pp)
-                by_id[id(p)] = p
-        mine = {u for pos, u in enumerate(self.flow.order) if self._chunk_of(pos) % self.pp == self.rank}
-        self.params = [by_id[i] for i in by_id if self.rank in owners[i] and by_id[i].requires_grad]
-        stand_ins: dict[int, torch.Tensor] = {}
-        for u, module in enumerate(self.units.modules):
-            if u in mine or u not in self.position:  # uncalled units stay everywhere, untrained
-                continue
-            for sub in module.modules():
-                sub._autopar_absent = True
-                for slot in (sub._parameters, sub._buffers):
-                    for name, t in slot.items():
-                        if t is not None and id(t) not in stand_ins:
-                            stub = torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape)
-                            stand_ins[id(t)] = nn.Parameter(stub, requires_grad=False) \
-                                if isinstance(t, nn.Parameter) else stub
-                        if t is not None:
-                            slot[name] = stand_ins[id(t)]
-        tied = sorted({tuple(sorted(s)) for s in owners.values() if len(s) > 1})
-        self.tied: list[tuple[dist.ProcessGroup, list[nn.Parameter]]] = []
-        sizes = self.grid.sizes
-        for stages in tied:
-            shared = sorted((i for i in owners if tuple(sorted(owners[i])) == stages), key=lambda i: names[i])
-            for base in range(self.grid.world_size):
-                c = coords_of(base, sizes)
-                if c["pp"] != stages[0]:
-                    continue
-                members = [rank_of({**c, "pp": s}, sizes) for s in stages]
-                group = new_group(members)
-                if self.grid.rank in members:
-                    self.tied.append((group, [by_id[i] for i in shared]))
-            if self.rank in stages[1:]:
-                for i in shared:
-                    mark_norm_duplicate(by_id[i])
+    def _plan_for(self, micro: Any) -> Plan:
+        signature = _signature(micro)
+        plan = self.plans.get(signature)
+        if plan is None:
+            flow = self._trace(micro, self.grid.device)
+            if self.chunk_of is None:
+                self._split(flow)
+            plan = self._adopt(signature, flow)
+        return plan
+
+    def _metas(self, msg: Message) -> list[Meta]:
+        metas = self.plan.metas[msg.chunk]
+        return list(metas) if msg.kind == ACT else [metas[i] for i in self.plan.floating[msg.chunk]]
+
+    # -- full state (checkpoints) -------------------------------------------------------------
+    def gather_full_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Merge every stage's tensors (collective over ``pp``), in the serial model's order."""
+        parts: list[dict[str, torch.Tensor] | None] = [None] * self.pp
+        dist.all_gather_object(parts, local, group=self.grid.group("pp"))
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for name, t in part.items():
+                merged.setdefault(name, t)
+        order = {n: i for i, n in enumerate(self.state_order)}
+        return dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     def sync_tied_grads(self) -> None:
         """Sum the gradient of each weight shared by several stages over those stages, so the
@@ -238,99 +286,93 @@ class Pipeline:
                     p.grad.copy_(summed)
                 offset += g.numel()
 
-    def gather_full_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Merge every stage's tensors (collective over ``pp``), in the serial model's order."""
-        if self.flow is None:
-            return local
-        parts: list[dict[str, torch.Tensor] | None] = [None] * self.pp
-        dist.all_gather_object(parts, local, group=self.grid.group("pp"))
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            for name, t in part.items():
-                merged.setdefault(name, t)
-        order = {n: i for i, n in enumerate(self.state_order)}
-        return dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
-
     # -- one step ---------------------------------------------------------------------------
-    def run(self, batch: Any) -> torch.Tensor:
-        """Forward and backward of every microbatch on this rank's chunks; returns the sum of
-        the microbatch losses on the last stage (zero elsewhere), detached."""
-        micros = split_batch(batch, self.m, "microbatches")
-        if self.flow is None:
-            self._plan(micros[0])
-        if _signature(micros[0]) != self.signature:
-            raise ValueError(f"pipeline microbatch shapes are fixed at the first step: "
-                             f"{self.signature}, got {_signature(micros[0])}; pad batches to one shape")
+    def run(self, micros: list[Any], scale: Scale, mode: str = "train") -> torch.Tensor | list[Any]:
+        """Run ``micros`` through this rank's chunks. ``train``: forward and backward, returns
+        the sum of the scaled microbatch losses on the last stage (zero elsewhere), detached;
+        ``eval``: the same sum, forward only; ``output``: the model outputs on the last stage."""
+        self.plan = self._plan_for(micros[0])
+        for micro in micros[1:]:
+            if _signature(micro) != _signature(micros[0]):
+                raise ValueError("microbatches of one step must have equal shapes: "
+                                 f"{_signature(micros[0])} and {_signature(micro)}")
+        program = self.program("train" if mode == "train" else "forward", len(micros))
+        final = {a.chunk: i for i, a in enumerate(program) if isinstance(a, Action) and a.kind == self._grad_kind}
         self.total = torch.zeros((), device=self.grid.device)
-        self.recvs: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[dist.Work]]] = {}
+        self.outputs: list[Any] = []
+        self.inbox: dict[Message, tuple[list[torch.Tensor], list[dist.Work]]] = {}
+        self.outbox: dict[Message, list[torch.Tensor]] = {}
         self.saved: dict[tuple[int, int], tuple] = {}
         self.deferred: dict[tuple[int, int], Any] = {}
-        for i, action in enumerate(self.actions):
-            for ahead in self.actions[i:i + LOOKAHEAD]:
-                self._post_recv(ahead)
-            self._ready = time.perf_counter()
-            if action.kind == self.grad_kind and self.on_weight_grads is not None:
-                self.on_weight_grads(i in self.final_grad_actions)
-            if action.kind == "F":
-                self._forward(action, micros[action.mb])
-            elif action.kind == "B":
-                self._backward(action)
-            else:
-                backward_weight(self.deferred.pop((action.chunk, action.mb)))
-            if self.timeline is not None:
-                self.timeline.append((*action, self._ready, time.perf_counter()))
+        with torch.no_grad() if mode != "train" else torch.enable_grad():
+            for i, step in enumerate(program):
+                self.p2p.release()
+                if isinstance(step, Post):
+                    self.inbox.update(self.p2p.post(step, self.outbox, self._metas))
+                    continue
+                self._ready = time.perf_counter()
+                if step.kind == self._grad_kind and self.on_weight_grads is not None and mode == "train":
+                    self.on_weight_grads(i == final[step.chunk])
+                if step.kind == "F":
+                    self._forward(step, micros[step.mb], scale, mode)
+                elif step.kind == "B":
+                    self._backward(step)
+                else:
+                    backward_weight(self.deferred.pop((step.chunk, step.mb)))
+                if self.timeline is not None:
+                    self.timeline.append((*step, self._ready, time.perf_counter()))
         self.p2p.wait_sends()
-        return self.total
+        return self.outputs if mode == "output" else self.total
 
-    def _post_recv(self, a: Action) -> None:
-        if a.kind == "F" and a.chunk > 0:
-            key = (ACT, a.chunk, a.mb)
-            if key not in self.recvs:
-                self.recvs[key] = self.p2p.recv(self.metas[a.chunk], (a.chunk - 1) % self.pp, ACT, a.chunk, a.mb)
-        elif a.kind == "B" and a.chunk < self.chunks - 1:
-            key = (GRAD, a.chunk + 1, a.mb)
-            if key not in self.recvs:
-                metas = [self.metas[a.chunk + 1][i] for i in self.floating[a.chunk + 1]]
-                self.recvs[key] = self.p2p.recv(metas, (a.chunk + 1) % self.pp, GRAD, a.chunk + 1, a.mb)
+    @property
+    def _grad_kind(self) -> str:
+        """Zero bubble accumulates weight gradients in W; the other schedules in B."""
+        return "W" if self.schedule == "zerobubble" else "B"
 
-    def _take(self, key: tuple[int, int, int]) -> list[torch.Tensor]:
-        bufs, works = self.recvs.pop(key)
+    def _take(self, msg: Message) -> list[torch.Tensor]:
+        bufs, works = self.inbox.pop(msg)
         for w in works:
             w.wait()
         self._ready = time.perf_counter()
         return bufs
 
-    def _forward(self, a: Action, micro: Any) -> None:
-        c = a.chunk
-        bufs = self._take((ACT, c, a.mb)) if c > 0 else []
-        inputs = [bufs[i].requires_grad_(True) for i in self.floating[c]]
+    def _forward(self, a: Action, micro: Any, scale: Scale, mode: str) -> None:
+        c, plan = a.chunk, self.plan
+        bufs = self._take(Message(ACT, c, a.mb)) if c > 0 else []
+        train = mode == "train"
+        inputs = [bufs[i].requires_grad_(True) for i in plan.floating[c]] if train else []
         last = c == self.chunks - 1
-        keep = frozenset() if last else frozenset(self.live[c + 1])
-        ctx = _Pass(self.bounds[c], self.bounds[c + 1], last, self.rank in self.ckpt_stages,
-                    dict(zip(self.live[c], bufs)), keep, {})
+        keep = frozenset() if last else frozenset(plan.live[c + 1])
+        ctx = _Pass(plan.bounds[c], plan.bounds[c + 1], last, train and self.rank in self.ckpt_stages,
+                    dict(zip(plan.live[c], bufs)), keep, {})
         self.ctx = ctx
         try:
-            out = self.loss(self.call(self.model, micro), micro)
+            output = self.call(self.model, micro)
+            out = scale(self.loss(output, micro), a.mb) if last and mode != "output" else None
         except _ChunkDone:
-            out = None
+            output = out = None
         finally:
             self.ctx = None
         if last:
+            if mode == "output":
+                self.outputs.append(output)
+                return
             self.total += out.detach().float()
             outputs = [out]
         else:
-            sends = [ctx.produced[k] if k[0] >= ctx.start else ctx.received[k] for k in self.live[c + 1]]
-            self.p2p.send(sends, (c + 1) % self.pp, ACT, c + 1, a.mb)
-            outputs = [sends[i] for i in self.floating[c + 1]]
-        self.saved[(c, a.mb)] = (inputs, outputs)
+            sends = [ctx.produced[k] if k[0] >= ctx.start else ctx.received[k] for k in plan.live[c + 1]]
+            self.outbox[Message(ACT, c + 1, a.mb)] = [t.detach().contiguous() for t in sends]
+            outputs = [sends[i] for i in plan.floating[c + 1]]
+        if train:
+            self.saved[(c, a.mb)] = (inputs, outputs)
 
     def _backward(self, a: Action) -> None:
         c = a.chunk
         inputs, outputs = self.saved.pop((c, a.mb))
         if c == self.chunks - 1:
-            grads = [torch.full_like(outputs[0], self.loss_scale)]
+            grads = [torch.ones_like(outputs[0])]
         else:
-            grads = self._take((GRAD, c + 1, a.mb))
+            grads = self._take(Message(GRAD, c + 1, a.mb))
         pairs = [(t, g) for t, g in zip(outputs, grads) if t.requires_grad]
         outs, gs = [t for t, _ in pairs], [g for _, g in pairs]
         if self.schedule == "zerobubble":
@@ -340,5 +382,5 @@ class Pipeline:
                 torch.autograd.backward(outs, gs)
             in_grads = [t.grad for t in inputs]
         if c > 0:
-            self.p2p.send([g if g is not None else torch.zeros_like(t) for g, t in zip(in_grads, inputs)],
-                          (c - 1) % self.pp, GRAD, c, a.mb)
+            self.outbox[Message(GRAD, c, a.mb)] = [
+                (g if g is not None else torch.zeros_like(t)).contiguous() for g, t in zip(in_grads, inputs)]

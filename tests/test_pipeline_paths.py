@@ -1,0 +1,238 @@
+"""The pipeline on the paths users take: padded batches whose length changes every step, token
+counts that differ between ranks and microbatches, evaluation between training steps, LR
+schedulers on ``engine.optimizer``, a model with a top-level parameter, forward-only outputs,
+memory after ``parallelize``, and the posted p2p order of a real run. Every case is compared
+with serial training on the same global batches (4 ranks, one pool for the module)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import autopar
+from autopar.pipeline.program import Post
+
+VOCAB = 64
+GLOBAL = 8
+
+
+def _llama(dtype: torch.dtype = torch.float32, parallel: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    if parallel:
+        with autopar.auto_parallelize():
+            return transformers.LlamaForCausalLM(cfg).to(dtype)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _padded(step: int, length: int) -> dict:
+    """Rows of random real length, right-padded, with a masked prompt: every slice of every
+    rank and microbatch holds a different number of real tokens."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(1, VOCAB, (GLOBAL, length), generator=g)
+    real = torch.randint(2, length + 1, (GLOBAL,), generator=g)
+    real[step % GLOBAL] = 1  # one row with no target token at all after the shift
+    mask = (torch.arange(length)[None, :] < real[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :1 + step % 2] = -100  # prompt tokens are not trained on
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+LENGTHS = (8, 5, 7)
+
+
+def _serial(dtype: torch.dtype, scheduler: bool) -> tuple[list[float], list[float], dict, dict]:
+    model = _llama(dtype)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3) if scheduler else None
+    losses, evals = [], []
+    for step, length in enumerate(LENGTHS):
+        loss = model(**_padded(step, length)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            evals.append(model(**_padded(50 + step, 6)).loss.item())
+        model.train()
+    return losses, evals, model.state_dict(), start
+
+
+def check_padded_changing_lengths(grid: dict, dtype: torch.dtype, schedule: str, m: int,
+                                  parallel: bool, scheduler: bool) -> dict:
+    autopar.init(**grid)
+    engine = autopar.parallelize(_llama(dtype, parallel), num_microbatches=m, schedule=schedule,
+                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-6))
+    assert engine.optimizer is not None, "engine.optimizer must exist when parallelize returns"
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(engine.optimizer, T_max=3) if scheduler else None
+    losses, evals = [], []
+    for step, length in enumerate(LENGTHS):
+        losses.append(engine.step(autopar.shard_batch(_padded(step, length))))
+        if sched is not None:
+            sched.step()
+        evals.append(engine.eval_step(autopar.shard_batch(_padded(50 + step, 6))))
+    full = autopar.full_state_dict(engine)
+    lr = engine.optimizer.param_groups[0]["lr"]
+    autopar.destroy()
+    ref_losses, ref_evals, ref, start = _serial(dtype, scheduler)
+    case = f"{grid} {dtype} {schedule} M={m} tp={parallel} sched={scheduler}"
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=tol, atol=tol,
+                               msg=lambda s: f"{case}: losses {losses} vs {ref_losses}")
+    torch.testing.assert_close(torch.tensor(evals), torch.tensor(ref_evals), rtol=tol, atol=tol,
+                               msg=lambda s: f"{case}: eval losses {evals} vs {ref_evals}")
+    worst = 0.0
+    for key in ref:
+        update = (ref[key] - start[key]).norm()
+        if update > 0:
+            worst = max(worst, float((full[key] - ref[key]).norm() / update))
+    limit = 1e-3 if dtype == torch.float32 else 1e-9
+    assert worst < limit, f"{case}: relative weight error {worst:.2e} (limit {limit})"
+    if scheduler:
+        assert lr == pytest.approx(1e-2 * 0.0), f"{case}: the scheduler did not drive engine.optimizer ({lr})"
+    return {"worst": worst}
+
+
+CASES = [
+    (dict(pp=2, dp=2), torch.float32, "1f1b", 2, False, True),
+    (dict(pp=2, dp=2), torch.float64, "1f1b", 2, False, False),
+    (dict(pp=2, x=2), torch.float64, "gpipe", 2, True, False),
+    (dict(pp=4), torch.float64, "interleaved", 4, False, False),
+    (dict(pp=2, dp=2), torch.float64, "zerobubble", 1, False, False),
+]
+
+
+@pytest.mark.parametrize("grid,dtype,schedule,m,parallel,scheduler", CASES)
+def test_padded_batches_of_changing_length_equal_serial(pool4, grid, dtype, schedule, m, parallel, scheduler):
+    pool4.run(check_padded_changing_lengths, grid, dtype, schedule, m, parallel, scheduler)
+
+
+def check_tp_only_token_weighting() -> None:
+    """dp=2 x z=2 without pipeline: the same exact normalisation over dp*z slices."""
+    autopar.init(dp=2, z=2)
+    engine = autopar.parallelize(_llama(torch.float64, parallel=True), num_microbatches=2,
+                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-6))
+    losses = [engine.step(autopar.shard_batch(_padded(s, n))) for s, n in enumerate(LENGTHS)]
+    final_eval = engine.eval_step(autopar.shard_batch(_padded(50 + len(LENGTHS) - 1, 6)))
+    full = autopar.full_state_dict(engine)
+    autopar.destroy()
+    ref_losses, ref_evals, ref, _ = _serial(torch.float64, False)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=1e-12)
+    assert final_eval == pytest.approx(ref_evals[-1], rel=1e-12)
+    for key in ref:
+        torch.testing.assert_close(full[key], ref[key], rtol=1e-9, atol=1e-11)
+
+
+def test_token_weighted_loss_without_pipeline(pool4):
+    pool4.run(check_tp_only_token_weighting)
+
+
+class TwoTowers(nn.Module):
+    """CLIP's shape: two stacks, projections, and a parameter the root uses itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_in = nn.Linear(6, 8)
+        self.text = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.image_in = nn.Linear(5, 8)
+        self.image = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.logit_scale = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor, y: torch.Tensor) -> dict:
+        t = self.text_in(text)
+        for layer in self.text:
+            t = torch.tanh(layer(t))
+        i = self.image_in(image)
+        for layer in self.image:
+            i = torch.tanh(layer(i))
+        score = self.logit_scale.exp() * (t * i).sum(-1)
+        return {"loss": nn.functional.mse_loss(score, y), "score": score}
+
+
+def _towers_batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"text": torch.randn(GLOBAL, 6, generator=g), "image": torch.randn(GLOBAL, 5, generator=g),
+            "y": torch.randn(GLOBAL, generator=g)}
+
+
+def check_top_level_parameter(grid: dict, sample: bool) -> None:
+    torch.manual_seed(0)
+    model = TwoTowers().double()
+    serial = copy.deepcopy(model)
+    autopar.init(**grid)
+    engine = autopar.parallelize(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), num_microbatches=2,
+                                 loss_fn=lambda out, b: out["loss"],
+                                 sample_batch=autopar.shard_batch(_towers_batch(0)) if sample else None)
+    losses = [engine.step(autopar.shard_batch(_towers_batch(s))) for s in range(3)]
+    out = engine.forward(autopar.shard_batch(_towers_batch(9)), broadcast=True)
+    full = autopar.full_state_dict(engine)
+    autopar.destroy()
+    opt = torch.optim.AdamW(serial.parameters(), lr=1e-2)
+    ref = []
+    for s in range(3):
+        loss = serial(**_towers_batch(s))["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-12, atol=1e-12)
+    for key, value in serial.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=1e-10, atol=1e-12, msg=lambda s: key)
+    with torch.no_grad():
+        want = serial.eval()(**autopar_shard(_towers_batch(9)))["score"]
+    torch.testing.assert_close(out["score"], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_top_level_parameter_trains_at_pp2(pool4, sample):
+    pool4.run(check_top_level_parameter, dict(pp=2, dp=2), sample)
+
+
+def check_forward_outputs_and_memory() -> dict:
+    autopar.init(pp=2, dp=2)
+    serial = _llama()
+    full_bytes = sum(p.numel() * p.element_size() for p in serial.parameters())
+    batch = _padded(3, 6)
+    engine = autopar.parallelize(_llama(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), num_microbatches=2,
+                                 sample_batch=autopar.shard_batch(batch))
+    held = sum(p.numel() * p.element_size() for p in engine.model.parameters()
+               if p.untyped_storage().nbytes() >= p.numel() * p.element_size())
+    out = engine.forward(autopar.shard_batch(batch))
+    everywhere = engine.forward(autopar.shard_batch(batch), broadcast=True)
+    engine.pipeline.p2p.posted = []
+    engine.step(autopar.shard_batch(batch))
+    posted = engine.pipeline.p2p.posted
+    program = [(s.point, s.sends, s.recvs) for s in engine.pipeline.program("train", 2) if isinstance(s, Post)]
+    stage = engine.grid.coords["pp"]
+    autopar.destroy()
+    assert posted == program, "the run posts exactly the program's launches, in its order"
+    serial.eval()
+    with torch.no_grad():
+        want = serial(**autopar_shard(batch)).logits
+    if stage == 1:
+        torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert out is None
+    torch.testing.assert_close(everywhere.logits, want, rtol=1e-5, atol=1e-5)
+    return {"held": held, "full": full_bytes}
+
+
+def autopar_shard(batch: dict) -> dict:
+    """The dp=2 shard of this rank, recomputed after the grid is gone (rank // 2 = dp coord)."""
+    import torch.distributed as dist
+    dp = dist.get_rank() % 2
+    return {k: v.chunk(2)[dp] for k, v in batch.items()}
+
+
+def test_forward_outputs_memory_and_posted_order(pool4):
+    results = pool4.run(check_forward_outputs_and_memory)
+    for r in results:  # each stage holds about half the weights, never the whole model
+        assert r["held"] < 0.7 * r["full"], results
