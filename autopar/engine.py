@@ -171,13 +171,13 @@ class Engine:
         if self.pipeline is not None:
             with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
                 return self.pipeline.run(micros, scale)
-        total = torch.zeros((), device=self.grid.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
         with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
             for i, micro in enumerate(micros):
                 loss = scale(self._forward_loss(self._call(self.model, micro), micro), i)
                 self._set_sync(i == len(micros) - 1)  # only the last backward reduces
                 loss.backward()
-                total += loss.detach().float()
+                total += loss.detach().double()
         return total
 
     @torch.no_grad()
@@ -192,9 +192,9 @@ class Engine:
             if self.pipeline is not None:
                 total = self.pipeline.run(micros, scale, mode="eval")
             else:
-                total = torch.zeros((), device=self.grid.device)
+                total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
                 for i, micro in enumerate(micros):
-                    total += scale(self._forward_loss(self._call(self.model, micro), micro), i).float()
+                    total += scale(self._forward_loss(self._call(self.model, micro), micro), i).double()
         finally:
             self.model.train(was_training)
         return self._global_loss(total)

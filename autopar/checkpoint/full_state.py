@@ -39,6 +39,7 @@ def full_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
             local.update((n, b) for n, b in module.named_buffers(recurse=False)
                          if n not in module._non_persistent_buffers_set)
         for name, tensor in local.items():
-            out.setdefault(prefix + name, tensor.detach().to("cpu", copy=True))
+            if not getattr(tensor, "_autopar_absent", False):  # a glue parameter held elsewhere
+                out.setdefault(prefix + name, tensor.detach().to("cpu", copy=True))
     pipeline = getattr(model, "_autopar_pipeline", None)
     return pipeline.gather_full_state(out) if pipeline is not None else out

@@ -83,7 +83,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if getattr(module, "_autopar_absent", False):
             continue
         for name, p in module._parameters.items():
-            if p is not None and id(p) not in seen:
+            if p is not None and id(p) not in seen and not getattr(p, "_autopar_absent", False):
                 seen.add(id(p))
                 full = f"{prefix}.{name}" if prefix else name
                 out[aliases.get(full, full)] = p

@@ -67,6 +67,7 @@ def place_units(model: nn.Module, units: Units, chunk_of: dict[int, int], glue_o
         if rank not in glue_owners[name]:
             owner, _, leaf = name.rpartition(".")
             modules[owner]._parameters[leaf] = stub(p)
+            modules[owner]._parameters[leaf]._autopar_absent = True  # checkpoints skip it
     return params, _tie_groups(owners, by_id, names, grid)
 
 

@@ -298,7 +298,7 @@ class Pipeline:
                                  f"{_signature(micros[0])} and {_signature(micro)}")
         program = self.program("train" if mode == "train" else "forward", len(micros))
         final = {a.chunk: i for i, a in enumerate(program) if isinstance(a, Action) and a.kind == self._grad_kind}
-        self.total = torch.zeros((), device=self.grid.device)
+        self.total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
         self.outputs: list[Any] = []
         self.inbox: dict[Message, tuple[list[torch.Tensor], list[dist.Work]]] = {}
         self.outbox: dict[Message, list[torch.Tensor]] = {}
@@ -357,7 +357,7 @@ class Pipeline:
             if mode == "output":
                 self.outputs.append(output)
                 return
-            self.total += out.detach().float()
+            self.total += out.detach().double()
             outputs = [out]
         else:
             sends = [ctx.produced[k] if k[0] >= ctx.start else ctx.received[k] for k in plan.live[c + 1]]

@@ -159,8 +159,8 @@ class Tracer:
         flags = {n: p.requires_grad for n, p in self.all_params.items()}
         for p in self.all_params.values():
             p.requires_grad_(True)
-        try:
-            with self.counter:
+        try:  # the glue's graph is what the dependencies are read from, even in eval_step
+            with torch.enable_grad(), self.counter:
                 yield
         finally:
             for n, p in self.all_params.items():
