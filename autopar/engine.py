@@ -145,8 +145,12 @@ class Engine:
         self.params = self.pipeline.params
         real = self._make_optimizer(self.params)
         if len(placeholder.param_groups) == len(real.param_groups):
+            # Only what a scheduler or the user changed since construction: the stepper's own
+            # choices (offload's fused AdamW) must survive.
+            unset = object()
             for old, new in zip(placeholder.param_groups, real.param_groups):
-                new.update({k: v for k, v in old.items() if k != "params"})
+                new.update({k: v for k, v in old.items()
+                            if k != "params" and placeholder.defaults.get(k, unset) is not v})
         placeholder.__dict__.update(real.__dict__)
         self.stepper.optimizer = placeholder
 
@@ -169,6 +173,7 @@ class Engine:
         the weighted microbatch losses (detached, on device) without syncing gradients."""
         micros, scale = self._micros(batch)
         if self.pipeline is not None:
+            self.pipeline.prepare(micros[0])
             with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
                 return self.pipeline.run(micros, scale)
         total = torch.zeros((), dtype=torch.float64, device=self.grid.device)

@@ -148,10 +148,10 @@ def _overlap(schedule: str) -> dict:
         launches.append((running[0], any(id(p) in tied for p in bucket.params)))
         launch(bucket)
 
-    def record_run(b):
+    def record_run(*args, **kwargs):
         running[0] = True
         try:
-            return run(b)
+            return run(*args, **kwargs)
         finally:
             running[0] = False
 

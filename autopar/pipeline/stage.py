@@ -243,6 +243,11 @@ class Pipeline:
         self.plans[signature] = plan
         return plan
 
+    def prepare(self, micro: Any) -> None:
+        """Split (if not yet) and plan for ``micro``'s shapes; the engine calls it before it
+        enters ``no_sync`` on the first step, whose gradient buckets only the split creates."""
+        self._plan_for(micro)
+
     def _plan_for(self, micro: Any) -> Plan:
         signature = _signature(micro)
         plan = self.plans.get(signature)
