@@ -95,6 +95,26 @@ def gpt_neo() -> nn.Module:
                                                 bos_token_id=0, eos_token_id=0))
 
 
+def gemma() -> nn.Module:
+    """Its embedding is ``GemmaTextScaledWordEmbedding`` (an ``nn.Embedding`` subclass), tied to
+    the exact ``nn.Linear`` LM head."""
+    import transformers as tf
+    return tf.GemmaForCausalLM(tf.GemmaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                              max_position_embeddings=32, tie_word_embeddings=True))
+
+
+def bart() -> nn.Module:
+    """Encoder-decoder whose shared embedding is ``BartScaledWordEmbedding`` (scale_embedding
+    on), tied to encoder, decoder and LM head."""
+    import transformers as tf
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        dropout=0, attention_dropout=0, activation_dropout=0, scale_embedding=True, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None))
+
+
 BUILDERS = {"mlp": MLP, "sequential": sequential, "unchainable": Unchainable, "gpt2": gpt2, "llama": llama,
             "opt": opt, "bert": bert, "vit": vit, "gpt_neo": gpt_neo}
 

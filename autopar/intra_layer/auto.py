@@ -4,8 +4,10 @@ How layers are caught: ``nn.Linear``, ``nn.Embedding`` and HF ``Conv1D`` get a `
 inside the block, allocates the parallel subclass instead. Patching the class itself (not the
 names it is imported under) catches ``from torch.nn import Linear`` bound before the block,
 ``torch.nn.modules.linear.Linear`` and any alias; ``isinstance(layer, nn.Linear)`` stays true.
-Only the exact classes are swapped: subclasses (e.g. ``nn.MultiheadAttention``'s out_proj, which
-is used through its raw weight) are left alone.
+Subclasses that only add elementwise work around the base forward (Gemma's and BART's scaled
+embeddings) get a parallel twin (``subclass``), so a tie between such an embedding and its LM
+head survives; other subclasses (``nn.MultiheadAttention``'s out_proj, used through its raw
+weight; routers that read ``self.weight``) stay serial and are logged with the reason.
 
 Why layers are sharded at the *end* of the block and not at construction: Hugging Face models
 re-initialise and tie weights after building layers (``post_init``, ``_init_weights``,
@@ -23,7 +25,11 @@ Biases are sharded with the output features (over y). A bias that some module ot
 parallel layers also holds (BERT ties the decoder's bias to ``cls.predictions.bias``) must stay
 one tensor, so it stays whole: the block records every parameter registration made inside it
 (``torch.nn.modules.module.register_module_parameter_registration_hook``) to find such ties,
-since they are plain attribute assignments that the layers never see.
+since they are plain attribute assignments that the layers never see. A weight tied that way
+keeps its whole layer (and every layer sharing it) serial, named in the log with the holder.
+Parameters registered in the block that no parallel layer holds and that are a large share of
+what the block built (fused MoE expert tensors, custom modules; ``LARGE_SHARE``) are named in
+the same log, since they keep the memory per rank from following the grid.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ import logging
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -43,20 +51,41 @@ from .autochain import watch
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
 from .layout import ShardSpec, bias_spec, divisible, linear_weight_spec
 from .prefetch import Prefetcher
+from .subclass import serial_base, twin
 
 log = logging.getLogger("autopar")
 
-_recording = threading.local()  # .stack: one list of built layers per open block, innermost last
+LARGE_SHARE = 0.05  # unsharded parameters above this share of a block's elements are logged
+_NO_TIES: Mapping[int, str] = MappingProxyType({})
+
+
+@dataclass
+class _Block:
+    built: list[ShardedModule] = field(default_factory=list)
+    serial: list[tuple[nn.Module, str]] = field(default_factory=list)  # subclasses kept serial, why
+
+
+_recording = threading.local()  # .stack: one _Block per open block, innermost last
 _swaps: dict[type, type] = {}
 
 
 def _new(cls: type, *args: object, **kwargs: object) -> object:
     stack = getattr(_recording, "stack", None)
-    if stack and cls in _swaps:
-        layer = object.__new__(_swaps[cls])
-        stack[-1].append(layer)
-        return layer
-    return object.__new__(cls)
+    if not stack:
+        return object.__new__(cls)
+    parallel: type | str | None = cls if issubclass(cls, ShardedModule) else _swaps.get(cls)
+    if parallel is None:
+        base = serial_base(cls, _swaps)
+        parallel = twin(cls, base, _swaps[base]) if base is not None else None
+    if isinstance(parallel, str):
+        module = object.__new__(cls)
+        stack[-1].serial.append((module, parallel))
+        return module
+    if parallel is None:
+        return object.__new__(cls)
+    layer = object.__new__(parallel)
+    stack[-1].built.append(layer)
+    return layer
 
 
 def _install() -> None:
@@ -78,12 +107,15 @@ _new_static = staticmethod(_new)
 
 
 def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int,
-         foreign: frozenset[int] = frozenset()) -> tuple[dict[str, ShardSpec], str]:
+         foreign: Mapping[int, str] = _NO_TIES) -> tuple[dict[str, ShardSpec], str]:
     """Layouts for ``layer``'s parameters, or ({}, why it stays replicated). ``foreign``: ids of
-    parameters that modules other than parallel layers hold too (kept whole)."""
+    parameters that modules other than parallel layers hold too (kept whole) -> those modules."""
     w = layer._parameters.get("weight")
     if w is None or w.dim() != 2:
         return {}, "no 2D weight"
+    if id(w) in foreign:
+        return {}, f"its weight is tied to {foreign[id(w)]}, which is not a parallel layer (kept whole, " \
+                   "so the tie survives)"
     if w.numel() < min_numel:
         return {}, f"smaller than min_numel={min_numel}"
     if isinstance(layer, Embedding) and (layer.max_norm is not None or layer.sparse or layer.scale_grad_by_freq):
@@ -101,16 +133,17 @@ def plan(layer: ShardedModule, sizes: dict[str, int], min_numel: int,
 
 
 def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: int = 0,
-                 foreign: frozenset[int] = frozenset()) -> None:
+                 foreign: Mapping[int, str] = _NO_TIES, whole: tuple[str, ...] = ()) -> None:
     """Replace the full parameters of ``layers`` by this rank's pieces. Parameters shared by
     several layers (tied embeddings) become one shared piece when their layouts agree, else
-    all users stay replicated. ``foreign``: ids of parameters held by other modules too, whose
-    biases stay whole."""
+    all users stay replicated. ``foreign``: ids of parameters held by other modules too (those
+    modules, for the log), kept whole. ``whole``: further entries for the log of what stays
+    whole ("<module>: <why>"), e.g. subclasses that stay serial."""
     grid = current_grid()
     sizes = {a: grid.sizes[a] for a in ("x", "y", "z")}
     if sizes == {"x": 1, "y": 1, "z": 1}:
         return
-    plans, replicated = {}, []
+    plans, replicated = {}, list(whole)
     for layer in layers:
         specs, why = plan(layer, sizes, min_numel, foreign)
         plans[id(layer)] = specs
@@ -132,7 +165,8 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
         msg = f"auto_parallelize: {len(replicated)} layer(s) stay replicated on x={sizes['x']} " \
               f"y={sizes['y']} z={sizes['z']}:\n  " + "\n  ".join(replicated)
         if strict:
-            raise ValueError(msg + "\nchoose a grid that divides these dimensions, or pass strict=False")
+            raise ValueError(msg + "\nchoose a grid that divides these dimensions, untie or parallelise "
+                                   "these modules, or pass strict=False")
         if grid.rank == 0:
             log.warning(msg)
     pieces: dict[int, nn.Parameter] = {}
@@ -167,29 +201,57 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     current_grid()  # fail early, on every rank, when autopar.init was not called
     _install()
     stack = _recording.__dict__.setdefault("stack", [])
-    built: list[ShardedModule] = []
-    holders: dict[int, tuple[weakref.ref, set[int]]] = {}  # parameter id -> (parameter, module ids)
+    block = _Block()
+    # parameter id -> (parameter, {module id: (module, attribute name)}), every registration in the block
+    holders: dict[int, tuple[weakref.ref, dict[int, tuple[weakref.ref, str]]]] = {}
 
     def registered(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None:
             entry = holders.get(id(param))
             if entry is None or entry[0]() is not param:  # an id reused after a parameter died
-                entry = holders[id(param)] = (weakref.ref(param), set())
-            entry[1].add(id(module))
+                entry = holders[id(param)] = (weakref.ref(param), {})
+            entry[1][id(module)] = (weakref.ref(module), name)
 
-    stack.append(built)
+    stack.append(block)
     hook = nn.modules.module.register_module_parameter_registration_hook(registered)
     try:
         yield
     finally:
         hook.remove()
         stack.pop()  # blocks nest strictly within a thread, so ours is the innermost
-    layers = [m for m in built if isinstance(m, ShardedModule) and "weight" in m._parameters]
-    ours = {id(m) for m in built}
-    foreign = frozenset(pid for pid, (ref, modules) in holders.items() if ref() is not None and modules - ours)
-    shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign)
-    if chain:
-        watch([m for m in layers if not isinstance(m, Embedding) and spec_of(m.weight) is not None])
+    layers = [m for m in block.built if isinstance(m, ShardedModule) and "weight" in m._parameters]
+    ours = {id(m) for m in block.built}
+    live = {pid: (ref(), {mid: (m(), n) for mid, (m, n) in mods.items() if m() is not None})
+            for pid, (ref, mods) in holders.items() if ref() is not None}
+    foreign = {pid: ", ".join(f"{type(m).__name__}.{n}" for mid, (m, n) in mods.items() if mid not in ours)
+               for pid, (_, mods) in live.items() if set(mods) - ours}
+    whole = [f"{m!r}: {why}" for m, why in block.serial] + \
+        _large_outside(live, ours | {id(m) for m, _ in block.serial})
+    shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign, whole=tuple(whole))
+    if chain:  # twins of subclasses add work after the base forward: they keep full features
+        exact = set(_swaps.values())
+        watch([m for m in layers if type(m) in exact and not isinstance(m, Embedding) and spec_of(m.weight) is not None])
+
+
+def _large_outside(live: Mapping[int, tuple[nn.Parameter, Mapping[int, tuple[nn.Module, str]]]],
+                   logged: set[int]) -> list[str]:
+    """Log entries for modules holding more than ``LARGE_SHARE`` of the block's parameter
+    elements in parameters that no module in ``logged`` (parallel layers, and subclasses
+    already logged) holds: they stay whole on every rank."""
+    total = sum(p.numel() for p, _ in live.values())
+    outside: dict[int, tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = {}
+    for p, mods in live.values():
+        if mods and not set(mods) & logged:
+            module, name = next(iter(mods.values()))
+            outside.setdefault(id(module), (module, []))[1].append((name, p))
+    found = []
+    for module, params in outside.values():
+        numel = sum(p.numel() for _, p in params)
+        if total and numel > LARGE_SHARE * total:
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in params)
+            found.append(f"{type(module).__name__} ({shapes}): {numel / total:.0%} of the parameters built here, "
+                         "in no nn.Linear / nn.Embedding / Conv1D (stays whole)")
+    return found
 
 
 def materialize(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
