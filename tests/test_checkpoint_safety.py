@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import zlib
 
 import pytest
@@ -208,3 +209,31 @@ def test_failed_load_changes_nothing_on_every_rank(pool2, tmp_path):
     both ranks raise, and neither changed anything."""
     for messages in pool2.run(_failed_load_changes_nothing, GRID2, str(tmp_path / "ck")):
         _check_messages(messages)
+
+
+# --- a slow writer outlasts the grid's collective timeout ---------------------------------------
+def _slow_writer_saves(path: str) -> int:
+    """The grid's collectives time out after 2 s; rank 1 takes 5 s to write its shard. The save's
+    own collectives (sync and background) wait on the long-timeout checkpoint group instead."""
+    import autopar.checkpoint.save as save
+
+    autopar.init(x=2, timeout=2)
+    eng = _engine(GRID2)
+    eng.step(autopar.shard_batch(batches()[0]))
+    if autopar.current_grid().rank == 1:
+        real = save.write_pieces
+
+        def slow(file: str, pieces: list[torch.Tensor]) -> tuple[int, list[list[int]]]:
+            time.sleep(5)
+            return real(file, pieces)
+        save.write_pieces = slow
+    try:
+        autopar.save_checkpoint(eng, path)
+        autopar.save_checkpoint(eng, path, async_save=True).wait()
+    finally:
+        save.write_pieces = real if autopar.current_grid().rank == 1 else save.write_pieces
+    return autopar.load_checkpoint(eng, path) == {}
+
+
+def test_slow_writer_outlasts_the_collective_timeout(pool2, tmp_path):
+    assert pool2.run(_slow_writer_saves, str(tmp_path / "ck")) == [True, True]

@@ -1,11 +1,17 @@
 """``save_pretrained``: a consolidated Hugging Face folder from a model sharded over any grid.
 
-Memory: the folder is streamed tensor by tensor. All ranks walk the same list of tensors in the
-serial order; for each one the ranks that are its designated writers (``local.writes``: one copy
-of every distinct piece) send their piece point to point to the rank that writes the file the
-tensor belongs to, which assembles it (``regions.fill``) and keeps at most one file's worth of
-tensors (``max_shard_size``) before writing it. No rank ever holds the whole model, and files are
-spread round-robin over the ranks so that only one rank writes each file.
+Memory: the folder is streamed file by file. All ranks walk the same list of files
+(``max_shard_size`` each) in the serial order; for each one the ranks that are designated writers
+(``local.writes``: one copy of every distinct piece) of its tensors send those pieces to the rank
+that writes the file, which assembles them (``regions.fill``) and writes it. The writer holds at
+most one file's tensors and their incoming pieces; no rank ever holds the whole model, and files
+are spread round-robin over the ranks so that only one rank writes each file.
+
+Transport: the pieces of one file travel as one batch of non-blocking sends and receives on the
+checkpoint gloo group (``ranks.checkpoint_group``), host memory to host memory, posted in the same
+(tensor, holder) order on both sides. The writer needs the bytes on the host anyway; this avoids a
+blocking NCCL send per piece (and an NCCL communicator per holder-writer pair), and the group's
+long timeout lets a slow file system take its time without the collective timeout ending the job.
 
 Tied weights (GPT-2's ``lm_head`` = ``wte``) are written once under the first serial name, which
 is what ``transformers``' own ``save_pretrained`` does; ``from_pretrained`` ties them back.
@@ -20,10 +26,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ..runtime.state import current_grid, is_initialized
 from .local import local_region, model_of, model_tensors, serial_names, writes
-from .regions import Region, fill, full_region, full_shape
 from .ranks import Ranks
+from .regions import Region, fill, full_region, full_shape
+from .save import wait_for_pending
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -59,16 +65,16 @@ def save_pretrained(engine: Any, path: str | os.PathLike, *, max_shard_size: int
     """Write ``config.json`` (and ``generation_config.json``) plus safetensors weights, split into
     ``model-0000i-of-0000n.safetensors`` with an index when larger than ``max_shard_size``, that
     ``transformers.AutoModel*.from_pretrained(path)`` loads in one process. Collective."""
+    wait_for_pending(engine)  # an asynchronous save may still be using the checkpoint group
     ranks, path = Ranks(), os.fspath(path)
     model = model_of(engine)
-    device = current_grid().device if is_initialized() else torch.device("cpu")
     whole_on_every_stage = getattr(engine, "pipeline", None) is not None and getattr(engine, "optimizer", None) is None
     mine = {n: t for n, t in model_tensors(model).items() if writes(t, ranks.coords, whole_on_every_stage)}
     offer = {n: (list(full_shape(t)), str(t.dtype).removeprefix("torch."), local_region(t, ranks.coords).to_json())
              for n, t in mine.items()}
     offers = [offer] if ranks.world == 1 else [None] * ranks.world
     if ranks.world > 1:
-        dist.all_gather_object(offers, offer)
+        dist.all_gather_object(offers, offer, group=ranks.group)
     meta = {n: (s, d) for o in offers for n, (s, d, _) in o.items()}
     order = [n for n in serial_names(model) if n in meta]
     files = _plan(order, meta, _bytes(max_shard_size))
@@ -78,14 +84,10 @@ def save_pretrained(engine: Any, path: str | os.PathLike, *, max_shard_size: int
         os.makedirs(path, exist_ok=True)
         _write_configs(model, path)
     if ranks.world > 1:
-        dist.barrier()
+        dist.barrier(group=ranks.group)
     for i, (fname, tensors) in enumerate(zip(names, files)):
         writer = i % ranks.world
-        out: dict[str, torch.Tensor] = {}
-        for name in tensors:
-            full = _assemble(name, meta[name], offers, mine, writer, ranks.rank, device)
-            if full is not None:
-                out[name] = full
+        out = _assemble_file(tensors, meta, offers, mine, writer, ranks)
         if ranks.rank == writer:
             save_file(out, os.path.join(path, fname), metadata={"format": "pt"})
     if ranks.rank == 0 and len(files) > 1:
@@ -95,33 +97,42 @@ def save_pretrained(engine: Any, path: str | os.PathLike, *, max_shard_size: int
         with open(os.path.join(path, WEIGHTS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if ranks.world > 1:
-        dist.barrier()
+        dist.barrier(group=ranks.group)
 
 
-def _assemble(name: str, meta: tuple[list[int], str], offers: list[dict[str, Any]], mine: dict[str, torch.Tensor],
-              writer: int, rank: int, device: torch.device) -> torch.Tensor | None:
-    """The full tensor ``name`` on ``writer`` (None elsewhere): each rank holding a piece of it
-    sends that piece there, in rank order."""
-    shape, dtype = tuple(meta[0]), getattr(torch, meta[1])
-    holders = [r for r, o in enumerate(offers) if name in o]
-    if rank != writer:
-        if rank in holders:
-            t = mine[name]
-            region = Region.from_json(offers[rank][name][2])
-            dist.send(t.detach().reshape(-1)[:region.numel].contiguous(), dst=writer)
-        return None
-    full = torch.empty(shape, dtype=dtype).reshape(-1)
-    target = full_region(shape)
-    for r in holders:
-        region = Region.from_json(offers[r][name][2])
-        if r == rank:
-            piece = mine[name].detach().reshape(-1)[:region.numel]
-        else:
-            piece = torch.empty(region.numel, dtype=dtype, device=device)
-            dist.recv(piece, src=r)
-        piece = piece.cpu()
-        fill(full, target, region, lambda a, b, piece=piece: piece[a:b])
-    return full.view(shape)
+def _piece(t: torch.Tensor, region_json: Any) -> torch.Tensor:
+    """This rank's stored elements of ``t`` (its padded tail cut off), on the host."""
+    return t.detach().reshape(-1)[:Region.from_json(region_json).numel].to("cpu").contiguous()
+
+
+def _assemble_file(tensors: list[str], meta: dict[str, tuple[list[int], str]], offers: list[dict[str, Any]],
+                   mine: dict[str, torch.Tensor], writer: int, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The full tensors of one file on ``writer`` (an empty dict elsewhere): every holder posts
+    its pieces of them as sends in tensor order, the writer the matching receives in (tensor,
+    holder) order, then each rank waits for all of its own."""
+    holders = {name: [r for r, o in enumerate(offers) if name in o] for name in tensors}
+    if ranks.rank != writer:
+        sends = [_piece(mine[name], offers[ranks.rank][name][2]) for name in tensors if ranks.rank in holders[name]]
+        for work in [dist.isend(t, dst=writer, group=ranks.group) for t in sends]:
+            work.wait()
+        return {}
+    incoming: list[tuple[str, int, torch.Tensor]] = []
+    works = []
+    for name in tensors:
+        for r in holders[name]:
+            if r == ranks.rank:
+                incoming.append((name, r, _piece(mine[name], offers[r][name][2])))
+                continue
+            buffer = torch.empty(Region.from_json(offers[r][name][2]).numel, dtype=getattr(torch, meta[name][1]))
+            works.append(dist.irecv(buffer, src=r, group=ranks.group))
+            incoming.append((name, r, buffer))
+    for work in works:
+        work.wait()
+    out = {name: torch.empty(tuple(meta[name][0]), dtype=getattr(torch, meta[name][1])) for name in tensors}
+    for name, r, piece in incoming:
+        fill(out[name].view(-1), full_region(tuple(meta[name][0])), Region.from_json(offers[r][name][2]),
+             lambda a, b, piece=piece: piece[a:b])
+    return out
 
 
 def _write_configs(model: torch.nn.Module, path: str) -> None:
