@@ -88,11 +88,20 @@ def test_check_passes_for_bert_classification_on_a_pipeline():
 
 
 def test_check_fails_beyond_tolerance_with_a_user_factory():
-    """A user's plain model on dp=2 with zero tolerance: the sums of 2 ranks differ from serial in
+    """A user's plain model on dp=2 with a zero bound: the sums of 2 ranks differ from serial in
     the last bits, so the table shows the errors and the exit code is non-zero."""
-    rc, out = run([*AUTOPAR, "check", "-n", "2", "--factory", "scripts.check_factory:build", "--atol", "0",
-                   "--rtol", "0", "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), timeout=400)
+    rc, out = run([*AUTOPAR, "check", "-n", "2", "--factory", "scripts.check_factory:build", "--bound", "0",
+                   "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), timeout=400)
     assert rc != 0 and "FAIL" in out and "2.weight" in out, out
+
+
+def test_check_fp64_passes_on_llama():
+    """--fp64: both sides in float64, every tensor within 1e-9 of its own update on x=2 y=2."""
+    rc, out = run([*AUTOPAR, "check", "--model", "llama", "--grid", "x=2,y=2", "--steps", "2", "--fp64"], clean_env(),
+                  timeout=400)
+    assert rc == 0 and "PASS" in out and "float64" in out, out
+    worst = float(re.search(r"relative to the update (\S+)", out).group(1))
+    assert worst < 1e-12, out
 
 
 def test_plan_figures(capsys):

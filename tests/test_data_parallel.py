@@ -304,3 +304,30 @@ def check_rejects_non_elementwise():
 
 def test_zero_rejects_non_elementwise_optimizer(pool4):
     pool4.run(check_rejects_non_elementwise)
+
+
+def check_zero_on_torch_before_2_13():
+    """zero=1/2 on a torch without ``all_gather_single`` / ``reduce_scatter_single`` (new in 2.13;
+    autopar declares torch>=2.4): those names are removed from torch.distributed and the helpers
+    rebound to the older spellings, as ``runtime.collectives`` binds them there."""
+    import autopar.data_parallel.comm as dp_comm
+
+    autopar.init(dp=4)
+    removed = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single") if hasattr(dist, n)}
+    bound = dp_comm.all_gather_flat, dp_comm.reduce_scatter_flat
+    for name in removed:
+        delattr(dist, name)
+    dp_comm.all_gather_flat, dp_comm.reduce_scatter_flat = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
+    try:
+        ref_losses, ref_state, _ = _serial(3, None)
+        for zero in (1, 2):
+            engine, losses = _train(2, zero, None)
+            _assert_equals_serial(engine, losses, ref_losses, ref_state)
+    finally:
+        for name, fn in removed.items():
+            setattr(dist, name, fn)
+        dp_comm.all_gather_flat, dp_comm.reduce_scatter_flat = bound
+
+
+def test_zero_runs_on_torch_before_2_13(pool4):
+    pool4.run(check_zero_on_torch_before_2_13)

@@ -65,11 +65,11 @@ def _job(args: argparse.Namespace, script: list[str]) -> Job:
 def _check_argv(args: argparse.Namespace) -> list[str]:
     """The check's own options, forwarded to every rank's ``python -m autopar.cli.check``."""
     argv = ["--factory", args.factory] if args.factory else ["--model", args.model]
-    for flag in ("steps", "global_batch", "microbatches", "lr", "seed", "rtol", "atol"):
+    for flag in ("steps", "global_batch", "microbatches", "lr", "seed", "bound"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
-    return argv
+    return argv + (["--fp64"] if args.fp64 else [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from torch import nn
 
 from ..runtime.grid import Grid
 from ..runtime.params import grad_axes, is_norm_duplicate, shard_axes
+from .comm import all_reduce_grads, reduce_scatter_grads
 from .zero import check_elementwise, gather_params, shard_buckets
 
 ZERO_STAGES = (0, 1, 2)
@@ -299,10 +300,9 @@ class GradBuckets:
             self._in_flight.append(bucket)
             if len(self._in_flight) > ZERO2_IN_FLIGHT:
                 self._release(self._in_flight.pop(0))
-            bucket.handle = dist.reduce_scatter_single(bucket.shard_grad, bucket.grad, group=bucket.group,
-                                                       async_op=True)
+            bucket.handle = reduce_scatter_grads(bucket.shard_grad, bucket.grad, bucket.group)
         else:
-            bucket.handle = dist.all_reduce(bucket.grad, group=bucket.group, async_op=True)
+            bucket.handle = all_reduce_grads(bucket.grad, bucket.group)
         self._next += 1
 
     def _fill(self, bucket: Bucket) -> None:

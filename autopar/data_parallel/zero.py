@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .comm import all_gather_params
 from ..runtime.params import is_norm_duplicate, mark_norm_duplicate, set_shard_axes, shard_axes
 
 if TYPE_CHECKING:  # buckets.py imports this module
@@ -79,7 +79,7 @@ def gather_params(buckets: Sequence[Bucket]) -> None:
     whose version counters the collective does not bump, so they are bumped here: whatever
     tells a changed weight by its ``_version`` (autograd's saved-tensor check, the depth
     prefetcher) sees the update as it sees any optimizer's in-place step."""
-    handles = [dist.all_gather_single(b.flat_param, b.shard_param.detach(), group=b.group, async_op=True)
+    handles = [all_gather_params(b.flat_param, b.shard_param.detach(), b.group)
                for b in buckets]
     for handle in handles:
         handle.wait()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..runtime.collectives import all_gather_flat, reduce_scatter_flat
 from ..runtime.grid import Grid
 
 
@@ -46,9 +47,6 @@ class CommCounter:
 
 COUNTER = CommCounter()
 
-# torch 2.13 renamed the flat collectives; keep working on releases that predate the new names.
-all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def _gather_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
