@@ -5,6 +5,7 @@ Open MPI, and Slurm 22.05's srun/sbatch); tests/test_real_launch.py checks the s
 real launches.
 """
 import pytest
+import torch
 
 import autopar
 from autopar.runtime.grid import resolve_sizes
@@ -128,3 +129,50 @@ def test_init_twice_raises(monkeypatch):
     autopar.destroy()  # safe to call twice
     autopar.init()  # and init works again after destroy
     autopar.destroy()
+
+
+@pytest.mark.parametrize("backend,cuda,expected", [
+    ("nccl", True, "cuda:1"), ("cuda:nccl,cpu:gloo", True, "cuda:1"), ("cpu:gloo,cuda:nccl", True, "cuda:1"),
+    ("undefined", True, "cuda:1"), ("undefined", False, "cpu"), ("gloo", True, "cpu"), ("gloo", False, "cpu")])
+def test_device_follows_the_worlds_backend(monkeypatch, backend, cuda, expected):
+    """A world made by the user's own ``init_process_group()`` (backend left to torch, or a
+    per-device list) trains on the GPU; only a pure gloo world or no CUDA means the CPU."""
+    from autopar.runtime.state import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    assert choose_device(backend, local_rank=3) == torch.device(expected)
+    assert choose_device(backend, local_rank=3, device="cpu") == torch.device("cpu")  # explicit wins
+
+
+def test_nccl_without_a_visible_gpu_is_a_clear_error(monkeypatch):
+    from autopar.runtime.state import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="backend is 'nccl' but this process sees no CUDA device"):
+        choose_device("nccl", local_rank=0)
+
+
+def test_cuda_device_is_set_before_the_nccl_world_with_device_id(monkeypatch):
+    """set_device comes before init_process_group, which gets device_id (sub-groups then split
+    from the world's communicator); CUDA and the rendezvous are mocked, the world never forms."""
+    import torch.distributed as dist
+
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(backend, **kwargs):
+        calls.append(("init_process_group", backend, kwargs.get("device_id")))
+        raise Stop
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    with pytest.raises(Stop):
+        autopar.init()
+    assert calls == [("set_device", torch.device("cuda:0")), ("init_process_group", "nccl", torch.device("cuda:0"))]

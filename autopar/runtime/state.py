@@ -103,6 +103,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def choose_device(backend: str, local_rank: int, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given; else ``cuda:LOCAL_RANK`` (modulo the visible devices) whenever the
+    world can move CUDA tensors: a backend naming NCCL (``"nccl"``, ``"cuda:nccl,cpu:gloo"``), or
+    one left to torch (``"undefined"``, torch's per-device defaults) on a machine with CUDA.
+    A user who called ``init_process_group()`` themselves must not silently train on the CPU."""
+    if device is not None:
+        return torch.device(device)
+    cuda = "nccl" in backend or (backend == "undefined" and torch.cuda.is_available())
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    if "nccl" in backend:
+        raise RuntimeError(f"the process group's backend is {backend!r} but this process sees no CUDA device; "
+                           "check CUDA_VISIBLE_DEVICES, or pass backend='gloo'")
+    return torch.device("cpu")
+
+
 def _timeout(timeout: float | timedelta | None) -> timedelta:
     if isinstance(timeout, timedelta):
         return timeout
@@ -137,6 +153,9 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
             int(os.environ.get("LOCAL_RANK", "0"))
         sizes = resolve_sizes(world, **requested)
         backend = dist.get_backend()
+        device = choose_device(backend, local_rank, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     else:
         launch = detect_launch()
         # Check the grid before any rendezvous: a bad grid must fail on every rank, not hang.
@@ -146,15 +165,16 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
             launch.local_rank
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device = choose_device(backend, local_rank, device)
+        if device.type == "cuda":
+            # Before the world exists: NCCL then binds its communicator to this device, and
+            # device_id lets every sub-group be split from it (ncclCommSplit) instead of each
+            # of up to 31 groups bootstrapping its own lazily.
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=rank, world_size=world, timeout=td)
+                                rank=rank, world_size=world, timeout=td,
+                                device_id=device if "nccl" in backend else None)
         _owns_world = True
-    if device is None:
-        device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") \
-            if backend == "nccl" else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     groups = build_groups(sizes, rank, td, reuse_world=_owns_world)
     _grid = Grid(sizes=sizes, rank=rank, local_rank=local_rank, launcher=launcher,
                  backend=backend, device=device, _groups=groups)
