@@ -222,3 +222,17 @@ def test_loader_on_a_real_grid_gives_each_rank_its_shard_batch(pool4):
         for same in by_dp.values():  # ranks that differ only in x read the same samples
             assert len(same) == 2 and same[0] == same[1]
         assert by_dp[0] != by_dp[1]
+
+
+def test_loader_pins_memory_when_batches_go_to_cuda(monkeypatch):
+    """The engine copies batches with non_blocking=True, which overlaps only from pinned memory:
+    pinned by default exactly when the batches go to a CUDA device; an explicit choice wins."""
+    import importlib
+
+    loader_module = importlib.import_module("autopar.data.loader")  # the package exports the function
+    data = TensorDataset(torch.arange(8.0))
+    monkeypatch.setattr(loader_module, "_batches_go_to_cuda", lambda: True)
+    assert loader(data, 4, shard=0, num_shards=1).pin_memory is True
+    assert loader(data, 4, shard=0, num_shards=1, pin_memory=False).pin_memory is False
+    monkeypatch.setattr(loader_module, "_batches_go_to_cuda", lambda: False)
+    assert loader(data, 4, shard=0, num_shards=1).pin_memory is False
