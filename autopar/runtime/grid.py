@@ -5,10 +5,28 @@ number of its coordinates in that order, so ``x`` varies fastest. Tensor-paralle
 innermost because their collectives run inside every layer and must stay inside a node;
 ``pp`` is outermost because stages only exchange activations point to point.
 
-Groups are created eagerly for every non-empty combination of axes, deduplicated by membership
-(``group("x", "pp")`` is ``group("x")`` when pp=1). Creating them lazily would need every rank to
-ask for the same group at the same moment, which is exactly the kind of hidden coupling that
-hangs jobs.
+Groups are created eagerly for every non-empty combination of axes. Creating them lazily would
+need every rank to ask for the same group at the same moment, which is exactly the kind of hidden
+coupling that hangs jobs. How, and why this way:
+
+* Each combination's groups are one partition of the world, enumerated directly (a base rank per
+  group plus the same strided offsets), so set-up is O(world) per combination, not O(world^2).
+* Axes of size 1 change nothing: ``group("x", "pp")`` is ``group("x")`` when pp=1, so a
+  combination is reduced to its axes of size > 1 and each distinct partition is created once
+  (two different reduced sets never share a group, so this is deduplication by membership).
+* A device-bound NCCL world (autopar passes ``device_id`` when it creates one) turns every
+  ``new_group`` into an ``ncclCommSplit`` that all world ranks must enter, members or not:
+  O(world) world-wide splits. There ``dist.split_group`` makes a whole partition in one split,
+  at most 31 of them. It is used only on a world autopar created, because its group names hash
+  the process's group count, which a user's earlier sub-groups may have made differ across ranks.
+* Otherwise every rank calls ``new_group`` for every group, in the same order with the same
+  arguments, as torch requires. ``use_local_synchronization=True`` (non-members skip the call)
+  is not used for these: on a device-bound world the skipped ranks would never enter the split,
+  and its hashed names go wrong once ranks have made different numbers of groups. Its one safe
+  use is the all-size-1 partition on a world that does not split: a rank's own group has no
+  other member to agree with, so each rank makes just its own, O(1) instead of O(world) calls.
+* ``dist.new_subgroups_by_enumeration`` is that same ``new_group`` loop with overlap checks; it
+  would save nothing and could not hand back the world group for the all-ranks partition.
 """
 from __future__ import annotations
 
@@ -72,37 +90,85 @@ def rank_of(coords: Mapping[str, int], sizes: Mapping[str, int]) -> int:
     return rank
 
 
+def _strides(sizes: Mapping[str, int]) -> dict[str, int]:
+    """How far apart two ranks are that differ by one on an axis (x is 1, pp the largest)."""
+    strides, step = {}, 1
+    for axis in reversed(AXES):
+        strides[axis] = step
+        step *= sizes[axis]
+    return strides
+
+
+def _offsets(axes: tuple[str, ...], sizes: Mapping[str, int]) -> list[int]:
+    """Every sum of ``coordinate * stride`` over ``axes``, ascending: the product runs outermost
+    axis first, like the rank order itself."""
+    strides = _strides(sizes)
+    return [sum(c * strides[a] for a, c in zip(axes, combo))
+            for combo in itertools.product(*(range(sizes[a]) for a in axes))]
+
+
+def partition(axes: tuple[str, ...], sizes: Mapping[str, int]) -> list[tuple[int, ...]]:
+    """Every group over ``axes`` (``()``: every rank alone), each ascending, ordered by first
+    member. O(world): a group is a base rank, zero on ``axes``, plus the same offsets."""
+    axes = _canon(axes) if axes else ()
+    inside = _offsets(axes, sizes)
+    return [tuple(base + o for o in inside)
+            for base in _offsets(tuple(a for a in AXES if a not in axes), sizes)]
+
+
 def group_ranks(axes: tuple[str, ...], rank: int, sizes: Mapping[str, int]) -> tuple[int, ...]:
     """Global ranks that share every coordinate of ``rank`` outside ``axes``, ascending. The
     position of a rank in this tuple is its group rank."""
     axes = _canon(axes)
-    base = coords_of(rank, sizes)
-    members = []
-    for combo in itertools.product(*(range(sizes[a]) for a in axes)):
-        members.append(rank_of({**base, **dict(zip(axes, combo))}, sizes))
-    return tuple(sorted(members))
+    coords, strides = coords_of(rank, sizes), _strides(sizes)
+    base = rank - sum(coords[a] * strides[a] for a in axes)
+    return tuple(base + o for o in _offsets(axes, sizes))
+
+
+def _splits_world() -> bool:
+    """Whether new groups are split off the world's communicator (a device-bound NCCL world)."""
+    world = dist.group.WORLD
+    device = world.bound_device_id
+    return device is not None and world._get_backend(device).supports_splitting
+
+
+def _make(axes: tuple[str, ...], sizes: Mapping[str, int], rank: int, timeout: timedelta,
+          own_world: bool, splits: bool) -> dist.ProcessGroup:
+    """This rank's group of the partition over ``axes`` (reduced to sizes > 1), creating the
+    partition's groups on every rank at once (see the module docstring for the choice)."""
+    desc = "autopar:" + (",".join(axes) or "self")
+    groups = partition(axes, sizes)
+    if own_world and len(groups) == 1:
+        return dist.group.WORLD
+    if own_world and splits:
+        return dist.split_group(split_ranks=[list(g) for g in groups], timeout=timeout, group_desc=desc)
+    if not axes and not splits and dist.get_backend() != dist.Backend.MPI:  # MPI refuses local sync
+        return dist.new_group([rank], timeout=timeout, use_local_synchronization=True, group_desc=desc)
+    made = [dist.new_group(list(members), timeout=timeout, group_desc=desc) for members in groups]
+    coords, index = coords_of(rank, sizes), 0
+    for a in AXES:  # groups are ordered by base rank: this rank's coordinates off ``axes``
+        if a not in axes:
+            index = index * sizes[a] + coords[a]
+    return made[index]
 
 
 def build_groups(sizes: Mapping[str, int], rank: int, timeout: timedelta,
                  reuse_world: bool) -> dict[tuple[str, ...], dist.ProcessGroup]:
-    """Create one process group per distinct membership. Every rank walks the same list in the
-    same order, as ``new_group`` requires; a rank keeps the groups it belongs to.
+    """Create one process group per distinct membership, every rank walking the same partitions
+    in the same order; a rank keeps the groups it belongs to.
 
-    ``reuse_world`` lets the all-ranks group be the default group; only do so when that group
-    was created with our timeout, or a user-made world would keep its own (longer) one."""
-    world = math.prod(sizes.values())
-    by_members: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    ``reuse_world`` means autopar created the world with our timeout: the all-ranks group may
+    then be the default group (a user-made world would keep its own, longer, timeout), and no
+    user sub-group exists yet, so partitions may be made by ``split_group``."""
+    splits = _splits_world()
+    made: dict[tuple[str, ...], dist.ProcessGroup] = {}
     mine: dict[tuple[str, ...], dist.ProcessGroup] = {}
     for n in range(1, len(AXES) + 1):
         for axes in itertools.combinations(AXES, n):
-            partition = sorted({group_ranks(axes, r, sizes) for r in range(world)})
-            for members in partition:
-                if members not in by_members:
-                    if reuse_world and len(members) == world:
-                        by_members[members] = dist.group.WORLD
-                    else:
-                        by_members[members] = dist.new_group(list(members), timeout=timeout)
-            mine[axes] = by_members[group_ranks(axes, rank, sizes)]
+            reduced = tuple(a for a in axes if sizes[a] > 1)
+            if reduced not in made:
+                made[reduced] = _make(reduced, sizes, rank, timeout, reuse_world, splits)
+            mine[axes] = made[reduced]
     return mine
 
 
