@@ -46,6 +46,7 @@ import autopar
 from autopar.runtime.grid import AXES, TP_AXES
 from autopar.runtime.params import is_norm_duplicate, shard_axes
 from comm_count import ByteCounter  # bench/ is on sys.path: the scripts run as files
+from tables import table as _table
 
 CASES = [  # (name, grid, zero)
     ("pp2xdp2xx2", dict(pp=2, dp=2, x=2), 0),
@@ -188,12 +189,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    lines = [f"### {title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _mib(b: float) -> str:

@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 import autopar
 from comm_count import ByteCounter  # bench/ is on sys.path: the scripts run as files
+from tables import table as _table
 
 
 def _model(width: int, layers: int) -> torch.nn.Sequential:
@@ -156,12 +157,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    lines = [f"### {title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:

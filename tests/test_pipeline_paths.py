@@ -145,14 +145,15 @@ def check_tp_only_token_weighting() -> None:
     """dp=2 x z=2 without pipeline: the same exact normalisation over dp*z slices."""
     autopar.init(dp=2, z=2)
     engine = autopar.parallelize(_llama(torch.float64, parallel=True), num_microbatches=2,
-                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-6))
+                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-6),
+                                 loss_fn=causal_lm_loss, loss_items=causal_lm_items)
     losses = [engine.step(autopar.shard_batch(_padded(s, n))) for s, n in enumerate(LENGTHS)]
     final_eval = engine.eval_step(autopar.shard_batch(_padded(50 + len(LENGTHS) - 1, 6)))
     full = autopar.full_state_dict(engine)
     autopar.destroy()
     ref_losses, ref_evals, ref, _ = _serial(torch.float64, False)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=1e-6)
-    assert final_eval == pytest.approx(ref_evals[-1], rel=1e-6)  # fp32 loss, as above
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=1e-12)
+    assert final_eval == pytest.approx(ref_evals[-1], rel=1e-12)
     for key in ref:
         torch.testing.assert_close(full[key], ref[key], rtol=1e-9, atol=1e-11)
 
