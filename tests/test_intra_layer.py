@@ -12,6 +12,7 @@ the default ``eps=1e-8`` would blow up into lr-sized, order-dependent updates.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -405,3 +406,112 @@ def test_not_initialised_raises():
     with pytest.raises(RuntimeError, match="autopar.init"):
         with autopar.auto_parallelize():
             pass
+
+
+def _fp64_lm_loss(output: object, batch: dict) -> torch.Tensor:
+    """GPT-2's causal LM loss in the logits' dtype (HF's casts float64 logits to fp32)."""
+    logits = output.logits[:, :-1]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+
+
+def _saved_bytes(engine: autopar.Engine, data: object, params: set[int]) -> tuple[float, int]:
+    """One step's loss and the bytes its forward saved for backward, parameters aside."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = engine.step(autopar.shard_batch(data))
+    return loss, saved[0]
+
+
+def depth_regather(name: str) -> dict[str, float]:
+    """dp=2 x x=2 x z=2 in float64: the default (block gathered again in backward) and
+    ``reshard_after_forward=False`` both equal serial; only the second saves the blocks, and the
+    difference is exactly one block per sharded matmul call. Under bf16 the two agree bit for
+    bit and the z gathers move bf16."""
+    from autopar.intra_layer.comm import COUNTER
+    from autopar.intra_layer.layers import Embedding, ShardedModule
+
+    data = models.batch(name)
+    loss_fn = models.lm_loss if name == "mlp" else _fp64_lm_loss
+    torch.manual_seed(1)
+    ser = models.BUILDERS[name]().double()
+    start = {k: v.clone() for k, v in ser.state_dict().items()}
+    opt = torch.optim.AdamW(ser.parameters(), lr=1e-2, eps=1e-5)
+    ref_losses = []
+    for _ in range(3):
+        ref = loss_fn(ser(data[0]) if name == "mlp" else ser(**data), data)
+        ref.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(ref.item())
+    ref_state = ser.state_dict()
+    out: dict[str, float] = {}
+    for reshard, precision in ((True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "bf16")):
+        autopar.init(x=2, z=2)
+        try:
+            torch.manual_seed(1)
+            with autopar.auto_parallelize(reshard_after_forward=reshard):
+                par = models.BUILDERS[name]()
+            if precision == "fp32":
+                par.double()
+            engine = autopar.parallelize(par, lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-5),
+                                         loss_fn=loss_fn, precision=precision)
+            layers = [m for m in par.modules() if isinstance(m, ShardedModule) and spec_of(m.weight) is not None]
+            block = {id(m): math.prod(spec_of(m.weight).block_shape) for m in layers}
+            called = [0, 0]  # block elements of this step's sharded matmul / embedding calls
+
+            def count(module: nn.Module, *_: object) -> None:
+                called[isinstance(module, Embedding)] += block[id(module)]
+
+            hooks = [m.register_forward_hook(count) for m in layers]
+            params = {id(p) for p in par.parameters()}
+            COUNTER.reset()
+            losses, saved, blocks = [], [], []
+            for step in range(3):
+                COUNTER.enabled = step == 2  # the first step also finds the chains
+                called[:] = [0, 0]
+                loss, nbytes = _saved_bytes(engine, data, params)
+                losses.append(loss)
+                saved.append(nbytes)
+                blocks.append(tuple(called))
+            COUNTER.enabled = False
+            for h in hooks:
+                h.remove()
+            key = f"{reshard}-{precision}"
+            out[f"saved-{key}"], (out[f"blocks-{key}"], out[f"lookups-{key}"]) = saved[-1], blocks[-1]
+            out[f"gather-bytes-{key}"] = COUNTER.bytes.get("all_gather[z]", 0.0)
+            out[f"losses-{key}"] = losses
+            if precision == "fp32":
+                torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=1e-12)
+                full = autopar.full_state_dict(engine)
+                worst = max(float((full[k] - v).norm() / (v - start[k]).norm())
+                            for k, v in ref_state.items() if (v - start[k]).norm() > 0)
+                assert worst < 1e-9, f"{name} reshard={reshard}: relative weight error {worst:.2e}"
+        finally:
+            autopar.destroy()
+    assert out["losses-True-bf16"] == out["losses-False-bf16"], "bf16: re-gathering changed the numbers"
+    return out
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt2"])
+def test_depth_block_regathered_in_backward(pool8, name):
+    for out in pool8.run(depth_regather, name, timeout=600):
+        for precision, width in (("fp32", 8), ("bf16", 2)):  # the fp32 runs are float64 models
+            assert out[f"blocks-True-{precision}"] > 0
+            # Keeping the gather saves one (y, x) block, of the matmul's dtype, per sharded matmul
+            # call; re-gathering saves none of them.
+            extra = out[f"saved-False-{precision}"] - out[f"saved-True-{precision}"]
+            assert extra == out[f"blocks-False-{precision}"] * width, (precision, extra, out)
+            # Each z all-gather moves half its block (z=2) in the dtype its consumer computes in:
+            # a matmul's block twice (forward, and again in backward), an embedding's once, in
+            # fp32 (autocast leaves lookups alone). Kept blocks are gathered once.
+            matmul_bytes, lookup_bytes = (2, 4) if precision == "bf16" else (8, 8)
+            for reshard, times in (("True", 2), ("False", 1)):
+                expected = (times * out[f"blocks-{reshard}-{precision}"] * matmul_bytes
+                            + out[f"lookups-{reshard}-{precision}"] * lookup_bytes) / 2
+                assert out[f"gather-bytes-{reshard}-{precision}"] == expected, (reshard, precision, out)

@@ -186,7 +186,8 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
 
 
 @contextmanager
-def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = True) -> Iterator[None]:
+def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = True,
+                     reshard_after_forward: bool = True) -> Iterator[None]:
     """Build ``nn.Linear`` / ``nn.Embedding`` / HF ``Conv1D`` inside the block as 3D-parallel
     layers over the current grid's x, y and z axes; they are sharded when the block exits.
 
@@ -196,6 +197,10 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     through elementwise ops only (an MLP's up/gate -> down) and let them hand over feature
     blocks instead of full activations (``autochain``; logged once). False keeps every layer
     in the full-feature layout.
+    ``reshard_after_forward``: with z > 1, a layer's z-gathered weight block is freed after its
+    forward and gathered again in backward, so weights cost 1/(x*y*z) plus one layer's block at
+    peak; False keeps every block until its backward (1/(x*y) at peak, one gather fewer per
+    layer and step).
     Build the optimizer / ``autopar.parallelize`` after the block.
     """
     current_grid()  # fail early, on every rank, when autopar.init was not called
@@ -228,6 +233,8 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     whole = [f"{m!r}: {why}" for m, why in block.serial] + \
         _large_outside(live, ours | {id(m) for m, _ in block.serial})
     shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign, whole=tuple(whole))
+    for layer in layers:
+        layer.reshard_after_forward = reshard_after_forward
     if chain:  # twins of subclasses add work after the base forward: they keep full features
         exact = set(_swaps.values())
         watch([m for m in layers if type(m) in exact and not isinstance(m, Embedding) and spec_of(m.weight) is not None])

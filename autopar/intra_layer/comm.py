@@ -11,12 +11,22 @@ batch slices, so the adjoint of the weight all-gather is a reduce-scatter that s
     depth_gather (all-gather a flat weight) <->  reduce-scatter of its gradient
     matmul       (x @ w.T, identity)        <->  all-reduce of dx over the other axis, overlapped
                                                  with the weight-gradient matmul
+    depth_matmul (gather over z, then matmul) <-> gather again, matmul's adjoint, reduce-scatter
+
+``depth_matmul`` exists for memory, not for communication: chained as ``matmul(depth_gather())``
+the gathered block is saved for backward, so every layer's full (y, x) block lives until its
+backward and weights cost 1/(x*y) at peak. Fused, only the z piece is saved and backward gathers
+the block again, as FSDP's ``reshard_after_forward`` does; ``keep=True`` trades that memory for
+one gather fewer. Under autocast the piece is cast before it is gathered (half the bytes under
+bf16; the same values as casting the gathered block) and its gradient is reduced in the
+parameter's dtype.
 
 Every collective has a fixed size known from shapes alone (the ranks of an x or y group share
 one batch slice), so none needs a host sync. ``COUNTER`` lets benchmarks count bytes.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -110,21 +120,36 @@ class _DepthGather(torch.autograd.Function):
         n = grid.size("z")
         ctx.grid, ctx.numel = grid, piece.numel() * n
         flat = gathered if gathered is not None else start_depth_gather(piece, grid)[0]
-        numel = 1
-        for d in shape:
-            numel *= d
-        return flat[:numel].view(shape)
+        return _block(flat, shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        grid = ctx.grid
-        n = grid.size("z")
-        flat = g.new_zeros(ctx.numel)
-        flat[:g.numel()] = g.reshape(-1)
-        piece = g.new_empty(ctx.numel // n)
-        reduce_scatter_flat(piece, flat, group=grid.group("z"))
-        COUNTER.add("reduce_scatter[z]", flat, n)
-        return piece, None, None, None
+        return _scatter_block_grad(g, ctx.grid, ctx.numel), None, None, None
+
+
+def _block(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The (y, x) block at the front of a gathered flat buffer (the tail is padding)."""
+    return flat[:math.prod(shape)].view(shape)
+
+
+def _scatter_block_grad(g: Tensor, grid: Grid, numel: int) -> Tensor:
+    """This z rank's piece of the block gradient summed over z; ``numel``: the padded flat size."""
+    n = grid.size("z")
+    flat = g.new_zeros(numel)
+    flat[:g.numel()] = g.reshape(-1)
+    piece = g.new_empty(numel // n)
+    reduce_scatter_flat(piece, flat, group=grid.group("z"))
+    COUNTER.add("reduce_scatter[z]", flat, n)
+    return piece
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a matmul with ``weight`` runs in here: autocast's, else the weight's own."""
+    return _autocast_dtype(weight.device) or weight.dtype
 
 
 class _Matmul(torch.autograd.Function):
@@ -133,12 +158,11 @@ class _Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool) -> Tensor:
-        device = t.device.type
-        if torch.is_autocast_enabled(device):
+        dtype = _autocast_dtype(t.device)
+        if dtype is not None:
             # Cast as autocast casts a matmul, and save the cast operands: backward runs outside
             # autocast and must multiply tensors of one dtype. Autograd casts the returned
             # gradients back to the (fp32) dtypes of t and w.
-            dtype = torch.get_autocast_dtype(device)
             t, w = t.to(dtype), w.to(dtype)
         ctx.save_for_backward(t, w)
         ctx.grid, ctx.axis, ctx.transposed = grid, axis, transposed
@@ -147,17 +171,56 @@ class _Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         t, w = ctx.saved_tensors
-        gt = gw = work = None
-        if ctx.needs_input_grad[0]:
-            gt = g @ w.t() if ctx.transposed else g @ w
-            if ctx.axis is not None:
-                work = _all_reduce(gt, ctx.grid, ctx.axis, async_op=True)
-        if ctx.needs_input_grad[1]:
-            g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
-            gw = t2.t() @ g2 if ctx.transposed else g2.t() @ t2
-        if work is not None:
-            work.wait()
+        gt, gw = _matmul_grads(ctx, g, t, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gt, gw, None, None, None
+
+
+def _matmul_grads(ctx: Any, g: Tensor, t: Tensor, w: Tensor, want_t: bool,
+                  want_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The adjoint of ``t @ w.T`` (``t @ w``): dt all-reduced over ``ctx.axis`` while dw is
+    computed."""
+    gt = gw = work = None
+    if want_t:
+        gt = g @ w.t() if ctx.transposed else g @ w
+        if ctx.axis is not None:
+            work = _all_reduce(gt, ctx.grid, ctx.axis, async_op=True)
+    if want_w:
+        g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
+        gw = t2.t() @ g2 if ctx.transposed else g2.t() @ t2
+    if work is not None:
+        work.wait()
+    return gt, gw
+
+
+class _DepthMatmul(torch.autograd.Function):
+    """``t @ W.T`` (``t @ W``) where ``W`` is this rank's (y, x) block, all-gathered over z from
+    its flat ``piece`` (or taken from a prefetched ``gathered`` buffer of the matmul's dtype).
+    Saves ``piece`` and gathers again in backward unless ``keep``."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, piece: Tensor, grid: Grid, axis: str | None, transposed: bool,
+                shape: tuple[int, ...], gathered: Tensor | None, keep: bool) -> Tensor:
+        dtype = _autocast_dtype(t.device)
+        if dtype is not None:
+            t = t.to(dtype)
+        flat = gathered if gathered is not None else start_depth_gather(piece, grid, dtype)[0]
+        w = _block(flat, shape)
+        ctx.save_for_backward(t, w if keep else piece)
+        ctx.grid, ctx.axis, ctx.transposed, ctx.shape, ctx.dtype, ctx.keep = grid, axis, transposed, shape, dtype, keep
+        ctx.numel, ctx.piece_dtype = flat.numel(), piece.dtype
+        return t @ w if transposed else t @ w.t()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        t, saved = ctx.saved_tensors
+        w = saved if ctx.keep else _block(start_depth_gather(saved, ctx.grid, ctx.dtype)[0], ctx.shape)
+        gt, gw = _matmul_grads(ctx, g, t, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        piece_grad = None
+        if gw is not None:
+            # Reduced in the parameter's dtype (fp32 under bf16 autocast), as the unfused chain
+            # reduced it after autograd's cast back.
+            piece_grad = _scatter_block_grad(gw.to(ctx.piece_dtype), ctx.grid, ctx.numel)
+        return gt, piece_grad, None, None, None, None, None, None
 
 
 def drop_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
@@ -172,11 +235,14 @@ def all_reduce(t: Tensor, grid: Grid, axis: str) -> Tensor:
     return _AllReduce.apply(t, grid, axis) if grid.size(axis) > 1 else t
 
 
-def start_depth_gather(piece: Tensor, grid: Grid, async_op: bool = False) -> tuple[Tensor, Any]:
-    """All-gather a depth piece into a new flat buffer; with ``async_op`` also the work handle."""
+def start_depth_gather(piece: Tensor, grid: Grid, dtype: torch.dtype | None = None,
+                       async_op: bool = False) -> tuple[Tensor, Any]:
+    """All-gather a depth piece (cast to ``dtype`` first, if given) into a new flat buffer; with
+    ``async_op`` also the work handle."""
     n = grid.size("z")
-    flat = piece.new_empty(piece.numel() * n)
-    work = all_gather_flat(flat, piece.detach().contiguous(), group=grid.group("z"), async_op=async_op)
+    local = piece.detach().to(dtype or piece.dtype).contiguous()
+    flat = local.new_empty(local.numel() * n)
+    work = all_gather_flat(flat, local, group=grid.group("z"), async_op=async_op)
     COUNTER.add("all_gather[z]", flat, n)
     return flat, work
 
@@ -191,3 +257,11 @@ def depth_gather(piece: Tensor, grid: Grid, shape: tuple[int, ...], gathered: Te
 def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool) -> Tensor:
     axis = reduce_axis if grid.size(reduce_axis) > 1 else None
     return _Matmul.apply(t, w, grid, axis, transposed)
+
+
+def depth_matmul(t: Tensor, piece: Tensor, grid: Grid, reduce_axis: str, transposed: bool,
+                 shape: tuple[int, ...], gathered: Tensor | None = None, keep: bool = False) -> Tensor:
+    """``matmul`` with the weight block all-gathered over z from ``piece`` (z > 1); ``gathered``
+    a prefetched flat buffer in ``matmul_dtype(piece)``; ``keep`` saves the block for backward."""
+    axis = reduce_axis if grid.size(reduce_axis) > 1 else None
+    return _DepthMatmul.apply(t, piece, grid, axis, transposed, shape, gathered, keep)

@@ -38,7 +38,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
-from .comm import all_gather_flat, all_reduce, depth_gather, drop_last, gather_last, matmul, slice_last
+from .comm import (all_gather_flat, all_reduce, depth_gather, depth_matmul, drop_last, gather_last, matmul,
+                   matmul_dtype, slice_last)
 from .layout import ShardSpec
 from .prefetch import Prefetcher
 
@@ -74,12 +75,28 @@ class ShardedModule(nn.Module):
     out_sharded = False  # output leaves as this rank's block of features (set by ``chain``)
     prefetcher: Prefetcher | None = None  # shared by the layers of one auto_parallelize block
 
+    reshard_after_forward = True  # False: keep the z-gathered block for backward (see comm.depth_matmul)
+
+    def gather_dtype(self) -> torch.dtype:
+        """The dtype this layer's weight is gathered over z in: its matmul's."""
+        return matmul_dtype(self.weight)
+
+    def _prefetched(self, grid: Grid) -> Tensor | None:
+        if self.prefetcher is None or is_fake(self.weight):  # no prefetch while the pipeline traces
+            return None
+        return self.prefetcher.gathered(self, grid)
+
     def full_block(self, spec: ShardSpec, grid: Grid) -> Tensor:
         """This rank's (y, x) block of the weight, gathered over z (prefetched when possible)."""
-        gathered = None
-        if self.prefetcher is not None and grid.size("z") > 1 and not is_fake(self.weight):  # pipeline trace
-            gathered = self.prefetcher.gathered(self, grid)
+        gathered = self._prefetched(grid) if grid.size("z") > 1 else None
         return depth_gather(self.weight, grid, spec.block_shape, gathered)
+
+    def block_matmul(self, h: Tensor, spec: ShardSpec, grid: Grid, reduce_axis: str, transposed: bool) -> Tensor:
+        """``h`` times this rank's weight block, its input gradient all-reduced over ``reduce_axis``."""
+        if grid.size("z") == 1:
+            return matmul(h, self.weight.view(spec.block_shape), grid, reduce_axis, transposed)
+        return depth_matmul(h, self.weight, grid, reduce_axis, transposed, spec.block_shape,
+                            self._prefetched(grid), keep=not self.reshard_after_forward)
 
     def autopar_full_state(self) -> dict[str, Tensor]:
         grid = current_grid()
@@ -135,9 +152,8 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     block of output features (see ``chain``)."""
     grid = current_grid()
     out_axis, in_axis = feature_axes(spec, transposed)
-    w = layer.full_block(spec, grid)
     h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
-    h = matmul(h, w, grid, out_axis, transposed)
+    h = layer.block_matmul(h, spec, grid, out_axis, transposed)
     h = all_reduce(h, grid, in_axis)
     bias = layer.bias
     if bias is None:
@@ -197,6 +213,9 @@ class Embedding(ShardedModule, nn.Embedding):
 
     def serial_init(self) -> None:
         nn.Embedding.reset_parameters(self)
+
+    def gather_dtype(self) -> torch.dtype:
+        return self.weight.dtype  # autocast leaves embedding lookups in the weight's dtype
 
     def forward(self, input: Tensor) -> Tensor:
         spec = spec_of(self.weight)

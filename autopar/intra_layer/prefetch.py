@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..runtime.grid import Grid
@@ -33,6 +34,7 @@ class _Pending(NamedTuple):
     flat: Tensor
     work: Any
     version: int
+    dtype: torch.dtype  # the layer's gather dtype when launched (autocast may have changed since)
 
 
 class Prefetcher:
@@ -61,7 +63,8 @@ class Prefetcher:
         entry, self.pending = self.pending, None
         if entry is not None:
             entry.work.wait()  # also when dropped: the buffer may not be freed while in flight
-            if entry.layer == id(layer) and entry.version == layer.weight._version:
+            if (entry.layer == id(layer) and entry.version == layer.weight._version
+                    and entry.dtype == layer.gather_dtype()):
                 flat = entry.flat
                 self.hits += 1
         if not self.recording:
@@ -73,5 +76,6 @@ class Prefetcher:
         if index is None or index + 1 >= len(self.order):
             return
         following = self.order[index + 1]
-        flat, work = start_depth_gather(following.weight, grid, async_op=True)
-        self.pending = _Pending(id(following), flat, work, following.weight._version)
+        dtype = following.gather_dtype()
+        flat, work = start_depth_gather(following.weight, grid, dtype, async_op=True)
+        self.pending = _Pending(id(following), flat, work, following.weight._version, dtype)
