@@ -14,6 +14,7 @@ The order of one step, and why:
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -23,6 +24,9 @@ from torch import nn
 from .checkpoint import remember_aliases
 from .data_parallel import GradBuckets, check_options
 from .intra_layer.autochain import layout_pending
+from .intra_layer.comm import gather_last
+from .intra_layer.vocab_loss import causal_lm_loss as vocab_causal_lm_loss
+from .intra_layer.vocab_loss import vocab_parallel_head
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
@@ -30,6 +34,8 @@ from .runtime.loss_weights import ItemCounter, LossWeights, Scale, label_counter
 from .runtime.params import clip_grad_norm_
 from .runtime.precision import Precision, check_precision, drop_grads
 from .runtime.state import current_grid
+
+log = logging.getLogger("autopar")
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zerobubble")
 OFFLOAD_MODES = (None, "optimizer", "optimizer+step", "params")
@@ -48,6 +54,12 @@ def _call_model(model: nn.Module, batch: Any) -> Any:
         inputs = batch[0]
         return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
     return model(batch)
+
+
+def _call_model_without_labels(model: nn.Module, batch: Any) -> Any:
+    """``_call_model`` for a model whose loss the engine computes on vocabulary shards: HF's own
+    loss would need the full logits."""
+    return _call_model(model, {k: v for k, v in batch.items() if k != "labels"})
 
 
 class Engine:
@@ -86,10 +98,18 @@ class Engine:
         if loss_items is None and loss_fn is None:
             loss_items = label_counter(model)
         self.loss_weights = LossWeights(loss_items, self.grid)
+        # An HF causal LM whose head cuts the vocabulary over y: loss on the shards, logits
+        # never gathered (``intra_layer.vocab_loss``).
+        self.vocab_head = vocab_parallel_head(model) if loss_fn is None else None
+        if self.vocab_head is not None:
+            self.vocab_head.out_sharded = True
+            if self.grid.rank == 0:
+                log.info("loss: vocabulary-parallel cross-entropy on %s's shards (y=%d)",
+                         type(model).__name__, self.grid.size("y"))
         # Forward (model call + loss) under autocast; fp16 also scales the loss's gradient.
         self.precision = Precision(precision, self.grid)
         self.loss_scaler = self.precision.scaler  # fp16 only: .scale, .skipped_steps
-        self._call = self.precision.wrap_call(_call_model)
+        self._call = self.precision.wrap_call(_call_model if self.vocab_head is None else _call_model_without_labels)
         self._forward_loss = self.precision.wrap_loss(self._loss)
         self.pipeline: Pipeline | None = None
         self._optimizer_factory = optimizer
@@ -157,6 +177,8 @@ class Engine:
     def _loss(self, output: Any, batch: Any) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(output, batch)
+        if self.vocab_head is not None:
+            return vocab_causal_lm_loss(output, batch, self.vocab_head)
         loss = getattr(output, "loss", None)
         if loss is None:
             raise ValueError("the model output has no .loss; pass loss_fn=lambda output, batch: ... "
@@ -214,15 +236,25 @@ class Engine:
         try:
             batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
             if self.pipeline is None:
-                return self._call(self.model, batch)
+                return self._full_logits(self._call(self.model, batch), batch)
             outputs = self.pipeline.run([batch], lambda loss, i: loss, mode="output")
         finally:
             self.model.train(was_training)
-        output = outputs[0] if outputs else None
+        output = self._full_logits(outputs[0], batch) if outputs else None
         if broadcast:
             box = [map_tensors(output, lambda t: t.cpu()) if output is not None else None]
             dist.broadcast_object_list(box, src=self.grid.ranks("pp")[-1], group=self.grid.group("pp"))
             output = map_tensors(box[0], lambda t: t.to(self.grid.device))
+        return output
+
+    def _full_logits(self, output: Any, batch: Any) -> Any:
+        """What the serial model returns, where the head returned vocabulary shards: the loss
+        (when the batch has labels) and the logits gathered over y."""
+        if self.vocab_head is None:
+            return output
+        if isinstance(batch, dict) and "labels" in batch:
+            output.loss = vocab_causal_lm_loss(output, batch, self.vocab_head)
+        output.logits = gather_last(output.logits, self.grid, "y")
         return output
 
     @property
