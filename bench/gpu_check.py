@@ -20,8 +20,9 @@ a. 1x1x1 bf16 step of a ~125M GPT-2 (``transformers.GPT2Config()`` sizes, nothin
    tokens = batch * seq per step, attention FLOPs left out, peak = ``--peak-tflops`` (H200 dense
    bf16: 989e12 FLOP/s).
 b. the same with ``torch.compile`` (``nn.Module.compile``, inductor; the dry run uses the
-   ``eager`` backend: dynamo's tracing, where autopar's hooks could break, without code
-   generation), plain PyTorch compiled as the peer. A compile failure is a FAIL row, not a crash.
+   ``aot_eager`` backend: dynamo's tracing and AOTAutograd, where autopar's hooks could break,
+   without code generation), plain PyTorch compiled as the peer. A compile failure is a FAIL
+   row, not a crash.
 c. peak memory of a steady-state autopar step, ``torch.cuda.max_memory_allocated`` over what was
    allocated before the engine, against ``autopar.memory_report``'s device total (parameters,
    gradients, optimizer state, activations saved for backward). Reported, not bounded: the
@@ -73,7 +74,8 @@ Row = list[str]
 Batch = dict[str, torch.Tensor]
 StepFn = Callable[[Batch], float]
 PAIR_GRIDS = {"dp=2": dict(dp=2), "x=2": dict(x=2), "pp=2": dict(pp=2)}
-PAIR_TIMEOUT_S = 240.0
+PAIR_TIMEOUT_S = 240.0  # all three grids; a collective gives up after PAIR_COLLECTIVE_S
+PAIR_COLLECTIVE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Size:
 
 FULL = Size(layers=12, hidden=768, heads=12, vocab=50257, seq=1024, batch=16, warmup=3, steps=10,
             compile_backend="inductor")
-DRY = Size(layers=2, hidden=64, heads=4, vocab=256, seq=32, batch=4, warmup=1, steps=2, compile_backend="eager")
+DRY = Size(layers=2, hidden=64, heads=4, vocab=256, seq=32, batch=4, warmup=1, steps=2, compile_backend="aot_eager")
 
 
 def _reason(exc: BaseException) -> str:
@@ -115,7 +117,9 @@ def _gpt2(size: Size) -> transformers.GPT2LMHeadModel:
     cfg = transformers.GPT2Config(vocab_size=size.vocab, n_positions=size.seq, n_embd=size.hidden,
                                   n_layer=size.layers, n_head=size.heads, resid_pdrop=0.0, embd_pdrop=0.0,
                                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.loss_type = "ForCausalLM"  # else HF logs a warning from forward: a graph break under compile
+    return model
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -197,13 +201,12 @@ def _ms(seconds: float, mfu: float | None) -> str:
     return f"{seconds * 1e3:.1f} ms" + (f", MFU {mfu:.1%}" if mfu is not None else "")
 
 
-def speed_row(section: str, name: str, size: Size, device: torch.device, peak_flops: float | None,
+def speed_row(section: str, name: str, size: Size, device: torch.device, params: int, peak_flops: float | None,
               compile_backend: str | None) -> list[Row]:
     """Rows a and b: autopar against plain PyTorch, eager or compiled."""
     runs = {"plain": plain_step(size, device, compile_backend),
             "autopar": autopar_engine(size, compile_backend).step}
     medians, losses, errors = time_steps(runs, size, device)
-    params = sum(p.numel() for p in _gpt2(size).parameters())
     tokens = size.batch * size.seq
 
     def cell(run: str) -> str:
@@ -219,12 +222,12 @@ def speed_row(section: str, name: str, size: Size, device: torch.device, peak_fl
              f"ok (max abs loss diff {dloss:.1e})"]]
 
 
-def _held_bytes(engine: autopar.Engine) -> int:
-    """Bytes of the distinct storages behind the parameters, gradients and optimizer state."""
-    tensors = [t for p in engine.params for t in (p, p.grad) if t is not None]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors + state_tensors(engine.optimizer)}
-    return sum(storages.values())
+def _held_bytes(engine: autopar.Engine, grads: dict[int, int]) -> int:
+    """Bytes of the distinct storages behind the parameters and optimizer state, plus ``grads``
+    (storage -> bytes of the gradients seen during the step: the step frees them again)."""
+    tensors = list(engine.params) + state_tensors(engine.optimizer)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) + sum(grads.values())
 
 
 def memory_row(size: Size, device: torch.device) -> list[Row]:
@@ -238,14 +241,22 @@ def memory_row(size: Size, device: torch.device) -> list[Row]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     engine.activation_meter.enabled, engine.activation_meter.peak = True, 0
+    grads: dict[int, int] = {}
+
+    def seen(p: torch.Tensor) -> None:
+        grads[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+    hooks = [p.register_post_accumulate_grad_hook(seen) for p in engine.params]
     engine.step(second)
+    for hook in hooks:
+        hook.remove()
     _sync(device)
     report = autopar.memory_report(engine)
     predicted = report.total("device")
     if report.peak_allocated is not None:
         measured, how = report.peak_allocated - base, "torch.cuda.max_memory_allocated"
     else:
-        measured, how = _held_bytes(engine) + engine.activation_meter.peak, "CPU: tensors held + saved-tensor peak"
+        measured = _held_bytes(engine, grads) + engine.activation_meter.peak
+        how = "CPU: tensors held + saved-tensor peak"
     mib = 2.0 ** 20
     return [["c", "peak memory, steady bf16 step", f"{measured / mib:.1f} MiB ({how})",
              f"{predicted / mib:.1f} MiB (memory_report)", f"{measured / predicted:.2f}", "ok"]]
@@ -291,10 +302,10 @@ def pair_rank(rank: int, port: int, device: str, out: Any) -> None:
     """One of the two processes of row e: every grid in turn, each result put on ``out``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
+                            timeout=timedelta(seconds=PAIR_COLLECTIVE_S))
     for name, grid in PAIR_GRIDS.items():
         try:
-            autopar.init(**grid, device=device)
+            autopar.init(**grid, device=device, timeout=PAIR_COLLECTIVE_S)
             result: tuple[bool, str] = run_check(CHECK_ARGS)
         except Exception as exc:  # noqa: BLE001 - reported in the table
             traceback.print_exc(file=sys.stderr)
@@ -341,7 +352,7 @@ def pair_rows(device: torch.device) -> list[Row]:
             rows.append(["e", check, "-", "serial", "-", "FAIL: a rank did not answer (crashed or hung)"])
             continue
         ok = all(v[0] for v in ranks.values())
-        verdict = ranks[0][1] if ranks[0][0] or not ranks[1][1] else ranks[1][1]
+        verdict = next((text for good, text in ranks.values() if not good and text), ranks[0][1])  # rank 0 prints
         rows.append(["e", check, "grid", "serial", f"max rel err {_relative_error(verdict)}",
                      "ok (PASS)" if ok else f"FAIL: {verdict.replace('|', '/')[:160]}"])
     return rows
@@ -385,12 +396,13 @@ def main() -> int:
     size = FULL if cuda else DRY
     device = torch.device("cuda:0" if cuda else "cpu")
     peak = args.peak_tflops * 1e12 if cuda else None
+    params = sum(p.numel() for p in _gpt2(size).parameters())  # N of the MFU: tied embedding once
     init_row, grid = nccl_init("nccl" if cuda else "gloo", device)
     rows = guarded("a", ["1x1x1 bf16 step, eager"],
-                   lambda: speed_row("a", "1x1x1 bf16 step, eager", size, device, peak, None))
+                   lambda: speed_row("a", "1x1x1 bf16 step, eager", size, device, params, peak, None))
     _free(device)
     compiled = f"1x1x1 bf16 step, torch.compile ({size.compile_backend})"
-    rows += guarded("b", [compiled], lambda: speed_row("b", compiled, size, device, peak, size.compile_backend))
+    rows += guarded("b", [compiled], lambda: speed_row("b", compiled, size, device, params, peak, size.compile_backend))
     rows += guarded("c", ["peak memory, steady bf16 step"], lambda: memory_row(size, device))
     rows += guarded("d", [f"offload={m!r} step vs device AdamW" for m in ("optimizer", "optimizer+step")],
                     lambda: offload_rows(size, device))
@@ -402,7 +414,6 @@ def main() -> int:
     _free(device)
     rows += guarded("e", [f"2 processes on {device}, gloo, {n} vs serial (fp64)" for n in PAIR_GRIDS],
                     lambda: pair_rows(device))
-    params = sum(p.numel() for p in _gpt2(size).parameters())
     where = torch.cuda.get_device_name(device) if cuda else "CPU dry run (tiny sizes, gloo; timings meaningless)"
     title = (f"GPU check: {where}; GPT-2 {params / 1e6:.1f} M params, batch {size.batch} x {size.seq}, bf16, AdamW, "
              f"median of {size.steps} steps after {size.warmup}; {time.perf_counter() - start:.0f} s")

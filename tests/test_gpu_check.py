@@ -13,7 +13,7 @@ from slurm import REPO, clean_env
 
 EXPECTED = [  # (section, check) of every row, in order
     ("a", "1x1x1 bf16 step, eager"),
-    ("b", "1x1x1 bf16 step, torch.compile (eager)"),
+    ("b", "1x1x1 bf16 step, torch.compile (aot_eager)"),
     ("c", "peak memory, steady bf16 step"),
     ("d", "offload='optimizer' step vs device AdamW"),
     ("d", "offload='optimizer+step' step vs device AdamW"),
@@ -38,3 +38,28 @@ def test_dry_run_prints_every_row_and_none_fails() -> None:
         if c[1].endswith("vs serial (fp64)") or c[1].endswith("check verdict"):
             assert float(c[4].removeprefix("max rel err ")) <= 1e-9, c
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_failure_is_a_row_and_the_other_runs_go_on() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+    import torch
+
+    def broken() -> list[list[str]]:
+        raise RuntimeError("no | device")
+    assert gpu_check.guarded("x", ["one", "two"], broken) == [
+        ["x", "one", "-", "-", "-", "FAIL: RuntimeError: no / device"],
+        ["x", "two", "-", "-", "-", "FAIL: RuntimeError: no / device"]]
+
+    calls = []
+
+    def fails_second(batch: dict) -> float:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("compile failed")
+        return 1.0
+    size = gpu_check.DRY
+    medians, losses, errors = gpu_check.time_steps({"bad": fails_second, "good": lambda b: 2.0}, size,
+                                                   torch.device("cpu"))
+    assert errors == {"bad": "ValueError: compile failed"} and list(medians) == ["good"]
+    assert losses["good"] == [2.0] * (size.warmup + size.steps) and len(calls) == 2
