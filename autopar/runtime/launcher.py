@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 DEFAULT_PORT = 29500
 
@@ -150,3 +155,49 @@ def resolve_rendezvous(launch: Launch) -> Launch:
                 launch.master_port or _free_port())
     addr, port = MPI.COMM_WORLD.bcast(mine, root=0)
     return Launch(launch.launcher, launch.rank, launch.world_size, launch.local_rank, addr, port)
+
+
+def connect_store(addr: str, port: int, rank: int, world_size: int, timeout: timedelta) -> "dist.Store":
+    """The rendezvous store for ``init_process_group(store=...)``, bounded by ``timeout`` on
+    every rank, with the reason when it cannot be had.
+
+    Why not ``init_method="tcp://..."``: when MASTER_PORT is already bound by another process,
+    rank 0 fails at once with EADDRINUSE, but a listener that accepts connections and never
+    answers (another service, or a stale job) leaves the other ranks' client blocked in its
+    handshake forever, past any timeout. The client is built on a helper thread (the
+    constructor releases the GIL) and abandoned at the deadline; the process can still exit, as
+    the thread is a daemon.
+    """
+    import torch.distributed as dist
+
+    if rank == 0:
+        try:
+            return dist.TCPStore(addr, port, world_size, is_master=True, timeout=timeout,
+                                 wait_for_workers=False)
+        except (RuntimeError, OSError) as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                raise
+            raise RuntimeError(
+                f"rank 0 cannot serve the rendezvous store on {addr}:{port}: the port is already in "
+                f"use by another process (EADDRINUSE); set MASTER_PORT to a free port, or end the "
+                f"process that holds it") from e
+    box: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            box.append(dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread below
+            box.append(e)
+
+    helper = threading.Thread(target=attempt, name="autopar-store-connect", daemon=True)
+    helper.start()
+    helper.join(timeout.total_seconds())
+    if box and not isinstance(box[0], BaseException):
+        return box[0]
+    cause = f"{type(box[0]).__name__}: {str(box[0]).splitlines()[0]}" if box else "no answer"
+    raise RuntimeError(
+        f"rank {rank}: rank 0's rendezvous store at {addr}:{port} was not reachable within "
+        f"{timeout.total_seconds():g} s ({cause}). The port may be in use by another process "
+        f"(rank 0 then fails with EADDRINUSE), or rank 0 has not started or cannot be reached "
+        f"from this host; check rank 0's log and MASTER_ADDR/MASTER_PORT") from (
+            box[0] if box else None)

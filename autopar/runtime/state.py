@@ -14,8 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import diagnostics
 from .grid import AXES, Grid, build_groups, resolve_sizes
-from .launcher import detect_launch, resolve_rendezvous
+from .launcher import connect_store, detect_launch, resolve_rendezvous
 
 log = logging.getLogger("autopar")
 if not log.handlers:
@@ -148,6 +149,9 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
                            "call autopar.destroy() before initialising again")
     td = _timeout_td = _timeout(timeout)
     requested = _requested_grid(dict(pp=pp, dp=dp, x=x, y=y, z=z))
+    debug = diagnostics.debug_enabled()
+    if debug:  # torch's cross-rank check wraps only groups made after the level is set
+        diagnostics.enable_debug()
     if dist.is_initialized():
         launcher, rank, world, local_rank = "existing", dist.get_rank(), dist.get_world_size(), \
             int(os.environ.get("LOCAL_RANK", "0"))
@@ -171,11 +175,20 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
             # device_id lets every sub-group be split from it (ncclCommSplit) instead of each
             # of up to 31 groups bootstrapping its own lazily.
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=rank, world_size=world, timeout=td,
-                                device_id=device if "nccl" in backend else None)
+        # Our own store, not init_method="tcp://": its connect is bounded by the timeout on
+        # every rank even when the port is held by someone else (see connect_store).
+        store = connect_store(launch.master_addr, launch.master_port, rank, world, td)
+        # In debug mode no device_id: a device-bound world makes groups with split_group, which
+        # torch's ProcessGroupWrapper (the cross-rank check) does not wrap.
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=td,
+                                device_id=device if "nccl" in backend and not debug else None)
         _owns_world = True
-    groups = build_groups(sizes, rank, td, reuse_world=_owns_world)
+    diagnostics.install(rank, td.total_seconds(), debug)
+    try:
+        groups = build_groups(sizes, rank, td, reuse_world=_owns_world)
+    except BaseException:
+        diagnostics.uninstall()
+        raise
     _grid = Grid(sizes=sizes, rank=rank, local_rank=local_rank, launcher=launcher,
                  backend=backend, device=device, _groups=groups)
     seed_everything(seed)
@@ -188,7 +201,9 @@ def destroy() -> None:
     """Tear down the grid's groups (and the world, if ``init`` created it). Safe to call twice."""
     global _grid, _owns_world
     if _grid is None:
+        diagnostics.uninstall()  # an init that failed after enabling debug mode
         return
+    diagnostics.uninstall()
     if dist.is_initialized():
         groups = [*_grid._groups.values(), *_extra_groups]
         for group in {id(g): g for g in groups}.values():

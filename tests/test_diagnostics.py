@@ -1,0 +1,227 @@
+"""Hang and desync diagnostics (issue 15.4): a stuck rank is named within the timeout, debug
+mode names a shape/order mismatch on every rank, and a master port held by another process
+ends every rank within the timeout with the reason.
+
+Multi-rank cases share one 4-rank pool; each uses a 5 s collective timeout so a hang costs
+seconds. Timings are asserted against that timeout: a report that only came from the pool's own
+120 s limit, or from a second timeout, fails them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import autopar
+from autopar.runtime import diagnostics
+
+T = 5.0  # the grid's collective timeout in these tests
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _record_and_restore() -> dict[str, Any]:
+    original, wait = dist.all_reduce, vars(dist.Work)["wait"]
+    grid = autopar.init(dp=2, x=2, timeout=T)
+    wrapped = dist.all_reduce is not original
+    for _ in range(3):
+        dist.all_reduce(torch.ones(4, 2), group=grid.group("dp"))
+    dist.all_gather_object([None] * 2, grid.rank, group=grid.group("x"))
+    work = dist.all_reduce(torch.ones(3, dtype=torch.float64), group=grid.group("x"), async_op=True)
+    work.wait()
+    diagnostics._rec.publish()
+    record = json.loads(dist.distributed_c10d._get_default_store().get(f"autopar/diag/{grid.rank}"))
+    autopar.destroy()
+    return {"wrapped": wrapped, "restored": dist.all_reduce is original and vars(dist.Work)["wait"] is wait,
+            "record": record}
+
+
+def test_recorder_counts_per_group_and_is_removed_at_destroy(pool4):
+    for r, out in enumerate(pool4.run(_record_and_restore)):
+        assert out["wrapped"] and out["restored"], out
+        rec = out["record"]
+        dp = next(label for label in rec["seq"] if label.startswith("dp["))
+        assert rec["seq"][dp] == 3, rec["seq"]
+        assert dp == ("dp[0,2]" if r % 2 == 0 else "dp[1,3]")
+        ops = [(e["op"], e["seq"], e["shapes"], e["state"]) for e in rec["entries"]]
+        assert ("all_reduce", 3, ["float32[4, 2]"], "done") in ops, ops
+        # all_gather_object is one entry: its inner all_gather is not counted on its own
+        assert [o for o in ops if o[0].startswith("all_gather")] == [("all_gather_object", 1, [], "done")], ops
+        assert ops[-1] == ("all_reduce", 2, ["float64[3]"], "done"), ops
+
+
+def _hang(sleeper: int, sync_rank: int, async_rank: int) -> dict[str, Any]:
+    grid = autopar.init(dp=2, x=2, timeout=T)  # rank order x fastest: dp groups [0,2] and [1,3]
+    for _ in range(2):
+        dist.all_reduce(torch.ones(8), group=grid.group("dp"))
+        dist.all_reduce(torch.ones(8), group=grid.group("x"))
+    out: dict[str, Any] = {"error": None, "elapsed": None}
+    start = time.monotonic()
+    try:
+        if grid.rank == sleeper:
+            time.sleep(T + 3)  # "compute" longer than the timeout, then join too late
+            dist.all_reduce(torch.ones(8), group=grid.group("dp"))
+        elif grid.rank == sync_rank:
+            dist.all_reduce(torch.ones(8), group=grid.group("dp"))
+        elif grid.rank == async_rank:
+            dist.all_reduce(torch.ones(8), group=grid.group("x"), async_op=True).wait()
+    except RuntimeError as e:
+        out["error"], out["type"] = str(e), type(e).__name__
+    out["elapsed"] = time.monotonic() - start
+    return out
+
+
+def test_rank_stuck_in_compute_is_named_within_the_timeout(pool4):
+    """Rank 3 sleeps in 'compute' past the timeout; rank 1 waits for it in a dp all_reduce
+    (sync), rank 2 in an x all_reduce (async, then wait). Both name rank 3 and where it is."""
+    out = pool4.run(_hang, 3, 1, 2)
+    for r in (1, 2):
+        msg = out[r]["error"]
+        assert msg is not None and out[r]["type"] == "CollectiveHangError", out[r]
+        assert out[r]["elapsed"] < T + 3, f"rank {r} reported after {out[r]['elapsed']:.1f} s"
+        group = "dp[1,3]" if r == 1 else "x[2,3]"
+        assert f"all_reduce #3 on group {group}" in msg, msg
+        assert f"rank 3 is behind: it reached only #2 on group {group}" in msg, msg
+        assert "is outside any collective since: stuck in compute" in msg, msg
+    assert "waiting in all_reduce #3 on group dp[1,3] (float32[8])" in out[1]["error"]
+    # the latecomer learns that its peers gave up on it
+    assert out[3]["error"] is not None and "gave up in the same collective" in out[3]["error"], out[3]
+    assert out[0]["error"] is None
+
+
+def _mismatch() -> dict[str, Any]:
+    os.environ[diagnostics.DEBUG_ENV] = "1"
+    try:
+        grid = autopar.init(dp=2, x=2, timeout=T)
+    finally:
+        del os.environ[diagnostics.DEBUG_ENV]
+    errors: list[str] = []
+
+    class Block(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, group=grid.group("dp"))
+            return t
+
+    start = time.monotonic()
+    try:  # rank 1 reduces 3 elements where every other rank reduces 2
+        Block()(torch.ones(3 if grid.rank == 1 else 2))
+    except RuntimeError as e:
+        errors.append(str(e))
+    shape_s = time.monotonic() - start
+    try:  # order: in the x group of ranks 0 and 1, rank 0 broadcasts while rank 1 all-reduces
+        t = torch.ones(2)
+        if grid.rank == 0:
+            dist.broadcast(t, src=0, group=grid.group("x"))
+        else:
+            dist.all_reduce(t, group=grid.group("x"))
+    except RuntimeError as e:
+        errors.append(str(e))
+    return {"errors": errors, "shape_s": shape_s, "level": str(dist.get_debug_level())}
+
+
+def test_debug_mode_names_a_shape_and_an_order_mismatch_on_every_rank(pool4):
+    out = pool4.run(_mismatch)
+    for r in (1, 3):  # the dp group [1,3] disagrees on the shape; [0,2] agrees
+        msg = out[r]["errors"][0]
+        assert "collectives disagree across ranks at all_reduce #1 on group dp[1,3]" in msg, msg
+        assert "layer Block, test_diagnostics.py:" in msg and "in forward" in msg, msg
+        assert "Tensor shapes: 3vs 2" in msg or "Tensor shapes: 2vs 3" in msg, msg
+        assert "(torch numbers the group's ranks: 0 is rank 1, 1 is rank 3)" in msg, msg
+        assert out[r]["shape_s"] < T, out[r]
+    for r in (0, 1):
+        assert any("OpType=BROADCAST" in m and "OpType=ALLREDUCE" in m for m in out[r]["errors"]), out[r]
+    assert out[2]["errors"] == [] or all("dp[" not in m for m in out[2]["errors"]), out[2]
+    assert out[3]["errors"][1:] == [] and out[2]["errors"] == [], (out[2], out[3])
+
+
+def test_report_from_records(monkeypatch):
+    """The report's wording for each case, from hand-made records in a HashStore: behind in
+    compute, behind waiting elsewhere, dead (stale heartbeat), never reported, disagreeing."""
+    store = dist.HashStore()
+    rec = diagnostics._Recorder(0, store, interval=1.0, debug=False)
+    group = "dp[0,1,2,3,4]"
+    entry = [42, "all_reduce", group, None, ["float32[8]"], time.time() - T, diagnostics.FAILED, None, None]
+    rec.entries.append(entry)
+    rec.groups["g"] = [group, 42]
+    now = time.time()
+
+    def put(rank: int, seq: int, entries: list[dict[str, Any]], age: float = 0.2, session: int = rec.session) -> None:
+        store.set(f"autopar/diag/{rank}", json.dumps({"rank": rank, "time": now - age, "seq": {group: seq},
+                                                      "session": session,
+                                                      "entries": entries}))
+
+    e = {"op": "all_reduce", "group": group, "peer": None, "shapes": ["float32[8]"], "age": 7.0,
+         "where": None}
+    put(1, 42, [{**e, "seq": 42, "state": "in flight"}])
+    put(2, 41, [{**e, "seq": 41, "state": "done"}])
+    put(3, 41, [{**e, "seq": 9, "group": "x[3,7]", "state": "in flight"}], age=30.0)
+    put(4, 42, [{**e, "seq": 42, "op": "broadcast", "state": "in flight"}])
+    monkeypatch.setattr(diagnostics, "_rec", rec)
+    report = diagnostics.build_report(rec, entry)
+    assert "ranks 0,1 are waiting in all_reduce #42 on group dp[0,1,2,3,4] (float32[8])" in report, report
+    assert ("rank 2 is behind: it reached only #41 on group dp[0,1,2,3,4] and last finished all_reduce "
+            "#41 on group dp[0,1,2,3,4] (float32[8]) 7.0 s ago and is outside any collective") in report, report
+    assert "rank 3 is behind: it reached only #41" in report and "waiting in all_reduce #9 on group x[3,7]" in report
+    assert "the process is dead or frozen" in report, report
+    assert "rank 4 is in broadcast #42 on group dp[0,1,2,3,4] (float32[8]) instead" in report, report
+    store.delete_key("autopar/diag/4")
+    put(2, 41, [], age=1.0, session=rec.session - 1)
+    report = diagnostics.build_report(rec, entry)
+    assert "rank 4 never reported: dead or stuck outside a collective" in report, report
+    assert "rank 2 never reported" in report, report  # its record is from an earlier init
+
+
+RANK_SCRIPT = """
+import sys, time
+import autopar
+t = time.monotonic()
+try:
+    autopar.init(timeout={timeout})
+except Exception as e:
+    print(f"ELAPSED {{time.monotonic() - t:.2f}}", flush=True)
+    print("ERROR", type(e).__name__, str(e), flush=True)
+    sys.exit(3)
+print("INIT OK", flush=True)
+"""
+
+
+def test_port_in_use_ends_every_rank_within_the_timeout() -> None:
+    """MASTER_PORT is held by a listener that accepts and never answers: rank 0 fails with
+    EADDRINUSE at once, ranks 1 and 2 (torch's client alone hangs there forever) end at the
+    timeout with the reason."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(16)
+    port = holder.getsockname()[1]
+    procs = []
+    for r in range(3):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+        env.update(RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT.format(timeout=T)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=180)[0])  # imports on a loaded 2-core machine
+    finally:
+        for p in procs:
+            p.kill()
+        holder.close()
+    for r, (p, text) in enumerate(zip(procs, outs)):
+        assert p.returncode == 3, f"rank {r} (rc {p.returncode}):\n{text}"
+        elapsed = float(text.split("ELAPSED ")[1].split()[0])
+        assert elapsed < 1.5 * T, f"rank {r} took {elapsed} s:\n{text}"
+        if r == 0:
+            assert f"rank 0 cannot serve the rendezvous store on 127.0.0.1:{port}: the port is already in use" \
+                in text, text
+        else:
+            assert (f"rank {r}: rank 0's rendezvous store at 127.0.0.1:{port} was not reachable within 5 s"
+                    in text and "The port may be in use by another process" in text), text
