@@ -1,17 +1,29 @@
-"""Per-rank memory of a pipeline after ``parallelize`` and at the peak of a step, against 1/pp.
+"""Per-rank memory of pp and z grids after ``parallelize`` and at the peak of a step, against the ideal.
 
 4 gloo ranks run a Llama built from a small config (``--layers`` blocks, ``--width`` wide,
-vocabulary 4096) on the grids pp=1 x dp=4, pp=2 x dp=2 and pp=4 x dp=1, with 1F1B over M=4
-microbatches. For each grid and for the fullest rank:
+vocabulary 4096, untied head) on the grids pp=1 x dp=4 (the reference), pp=2 x dp=2, pp=4,
+z=4, x=2 x z=2 and pp=2 x z=2, with 1F1B over M=4 microbatches when pp > 1. Grids with x, y or z
+build the model under ``autopar.auto_parallelize()``. For each grid, the fullest rank (largest
+peak) is shown. With n = pp*x*y*z and P the serial model's parameter bytes, the ideals are
 
-* *after parallelize*: bytes of parameters the rank holds with real storage (stand-ins for
+* state: parameters and gradients P/n, AdamW's two states 2P/n (dp replicates them: zero=0);
+* weights at peak: the parameters plus the z-gathered (y, x) blocks autograd still holds for
+  backward at the activation peak. Resharded after forward (FSDP's ``reshard_after_forward``),
+  that is P/n plus a layer or two; a gathered block saved for backward makes it P/(n/z), i.e.
+  weights at 1/(x*y) rather than 1/(x*y*z) (issue 14.5). The blocks are told apart from other
+  saved tensors by wrapping ``intra_layer.comm.start_depth_gather``; ``memory_report`` counts
+  them as activations, so the activation column here is the report's figure less them;
+* activations: what the reference grid saves per sample, times the rows a rank holds in flight,
+  over pp: rows/(dp*z) per rank, M microbatches of which 1F1B keeps min(pp, M) on the first
+  stage, each of about 1/pp of the model. x and y are taken to shard no activations (autopar's
+  default layout replicates a layer's input over them), so a ratio below 1 there is their gain.
+* after parallelize: bytes of parameters the rank holds with real storage (stand-ins for
   other stages' weights hold none), with and without ``sample_batch`` (without it the split is
-  made at the first forward, and the stage is moved to the device only then);
-* *at peak*: ``autopar.memory_report`` after one step: parameters + gradients + optimizer state
-  + the activations saved for backward (peak), and the p2p tensors in flight at most;
-* the ideal: the serial model's parameter bytes P over pp (and 1F1B's bound of pp microbatches
-  of boundary activations in flight), so the ratio column shows stage imbalance only.
+  made at the first forward, and the stage is moved to the device only then).
 
+The last column is the most sent p2p tensors held at once, their bytes, and those bytes over one
+microbatch's boundary hidden state (rows x seq x width fp32): microbatches' worth in flight, which
+1F1B bounds by pp (a message may carry more than the hidden state, so the count is an upper one).
 On CUDA, ``torch.cuda.max_memory_allocated`` would replace the tensor counts; this machine has
 no GPU, so the figures are tensor bytes counted exactly.
 
@@ -20,8 +32,11 @@ no GPU, so the figures are tensor bytes counted exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
+import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,9 +44,84 @@ import torch.multiprocessing as mp
 import transformers
 
 import autopar
+from autopar.intra_layer import comm, prefetch
+from autopar.offload import ActivationMeter
+from autopar.pipeline.comm import P2P
+from tables import table  # bench/ is on sys.path: the scripts run as files
 
 WORLD = 4
-GRIDS = [dict(pp=1, dp=4), dict(pp=2, dp=2), dict(pp=4, dp=1)]
+ROWS = 16  # global batch
+M = 4  # microbatches when pp > 1
+GRIDS: list[tuple[dict[str, int], bool]] = [  # (grid, split in parallelize via sample_batch)
+    (dict(pp=1, dp=4), False), (dict(pp=2, dp=2), False), (dict(pp=2, dp=2), True),
+    (dict(pp=4, dp=1), False), (dict(pp=4, dp=1), True),
+    (dict(dp=1, z=4), False), (dict(dp=1, x=2, z=2), False), (dict(pp=2, dp=1, z=2), True),
+]
+MIB = 2 ** 20
+
+
+class _Blocks:
+    """Storages of z-gathered weight blocks made during a step, held until ``clear`` so that no
+    activation can reuse an address and be mistaken for one."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, torch.UntypedStorage] = {}
+
+    def wrap(self, gather: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
+        def tracked(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+            flat, work = gather(*args, **kwargs)
+            storage = flat.untyped_storage()
+            self.storages[storage.data_ptr()] = storage
+            return flat, work
+        return tracked
+
+    def clear(self) -> None:
+        self.storages.clear()
+
+
+class _SplitMeter(ActivationMeter):
+    """autopar's activation meter, also following the gathered blocks among the saved tensors:
+    ``blocks_at_peak`` is how many of the peak's bytes were weight blocks."""
+
+    def __init__(self, model: torch.nn.Module, blocks: _Blocks) -> None:
+        super().__init__(model)
+        self.blocks, self.block_bytes, self.blocks_at_peak = blocks, 0, 0
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        key = tensor.untyped_storage().data_ptr()
+        new = key not in self._live
+        before = self.peak
+        saved = super()._pack(tensor)
+        if new and key in self._live and key in self.blocks.storages:
+            self.block_bytes += self._live[key][1]
+        if self.peak != before:
+            self.blocks_at_peak = self.block_bytes
+        return saved
+
+    def _release(self, key: int) -> None:
+        if self._live[key][0] == 1 and key in self.blocks.storages:
+            self.block_bytes -= self._live[key][1]
+        super()._release(key)
+
+
+@contextlib.contextmanager
+def _tracking(blocks: _Blocks, sent: list[int]) -> Any:
+    """Every depth gather (on demand in ``comm``, prefetched in ``prefetch``) recorded, and the
+    most bytes of sent p2p tensors held at once in ``sent[0]`` (``P2P`` counts only tensors)."""
+    originals, post = (comm.start_depth_gather, prefetch.start_depth_gather), P2P.post
+
+    def counted(self: P2P, *args: Any, **kwargs: Any) -> Any:
+        out = post(self, *args, **kwargs)
+        sent[0] = max(sent[0], sum(t.numel() * t.element_size() for _, t in self.in_flight))
+        return out
+
+    comm.start_depth_gather = prefetch.start_depth_gather = blocks.wrap(originals[0])
+    P2P.post = counted
+    try:
+        yield
+    finally:
+        (comm.start_depth_gather, prefetch.start_depth_gather), P2P.post = originals, post
+        blocks.clear()
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
@@ -42,9 +132,9 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _batch(args: argparse.Namespace) -> dict:
+def _batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 4096, (16, args.seq), generator=g)
+    ids = torch.randint(0, 4096, (ROWS, args.seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
@@ -58,21 +148,56 @@ def _held(model: torch.nn.Module) -> int:
     return total
 
 
-def measure(grid: dict, args: argparse.Namespace, sample: bool) -> dict:
-    autopar.init(**grid)
+def measure(grid: dict[str, int], args: argparse.Namespace, sample: bool) -> dict[str, int]:
+    """One step of ``grid`` on this rank: bytes held after parallelize and at the step's peak."""
+    sizes = autopar.init(**grid).sizes
     batch = autopar.shard_batch(_batch(args))
-    m = 4 if grid["pp"] > 1 else 1
-    engine = autopar.parallelize(_model(args), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-                                 num_microbatches=m, sample_batch=batch if sample and grid["pp"] > 1 else None)
+    sharded = sizes["x"] * sizes["y"] * sizes["z"] > 1
+    with autopar.auto_parallelize() if sharded else contextlib.nullcontext():
+        model = _model(args)
+    engine = autopar.parallelize(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                                 num_microbatches=M if sizes["pp"] > 1 else 1,
+                                 sample_batch=batch if sample else None)
     after = _held(engine.model)
-    engine.step(batch)
-    report = autopar.memory_report(engine)
-    dev = report.on_device
-    peak = dev["parameters"] + dev["gradients"] + dev["optimizer_state"] + dev["activations"]
+    blocks, sent = _Blocks(), [0]
+    engine.activation_meter = meter = _SplitMeter(engine.model, blocks)
+    with _tracking(blocks, sent):
+        engine.step(batch)
+    dev = autopar.memory_report(engine).on_device
     in_flight = engine.pipeline.p2p.peak_in_flight if engine.pipeline is not None else 0
     autopar.destroy()
-    return {"after": after, "peak": peak, "params": dev["parameters"], "acts": dev["activations"],
-            "in_flight": in_flight}
+    return {"after": after, "params": dev["parameters"], "grads": dev["gradients"],
+            "opt": dev["optimizer_state"], "blocks": meter.blocks_at_peak,
+            "acts": dev["activations"] - meter.blocks_at_peak, "in_flight": in_flight, "sent": sent[0]}
+
+
+def _rows(results: list[tuple[dict[str, int], bool, list[dict[str, int]]]], full: int,
+          args: argparse.Namespace) -> list[list[str]]:
+    """Table rows: the fullest rank of each grid against the ideals of the module docstring."""
+    reference = max(r["acts"] for r in results[0][2])  # pp=1 x dp=4: every rank ROWS/4 samples
+    per_sample = reference / (ROWS // WORLD)
+    out = []
+    for grid, sample, got in results:
+        sizes = {a: grid.get(a, 1) for a in ("pp", "dp", "x", "y", "z")}
+        n = sizes["pp"] * sizes["x"] * sizes["y"] * sizes["z"]
+        rows, m = ROWS // (sizes["dp"] * sizes["z"]), M if sizes["pp"] > 1 else 1
+        expected = per_sample * rows / m * min(sizes["pp"], m) / sizes["pp"]
+        r = max(got, key=lambda g: g["params"] + g["grads"] + g["opt"] + g["blocks"] + g["acts"])
+        ideal, weights = full / n, r["params"] + r["blocks"]
+        peak = weights + r["grads"] + r["opt"] + r["acts"]
+        when = "-" if sizes["pp"] == 1 else ("parallelize" if sample else "first forward")
+        hidden = rows // m * args.seq * args.width * 4  # one microbatch's boundary hidden state
+        sent = max(g["sent"] for g in got)
+        name = " x ".join(f"{a}={s}" for a, s in sizes.items() if s > 1)
+        out.append([name, when, f"{max(g['after'] for g in got) / MIB:.2f}", f"{ideal / MIB:.2f}",
+                    f"{r['params'] / MIB:.2f} / {r['grads'] / MIB:.2f} / {r['opt'] / MIB:.2f}",
+                    f"{r['params'] / ideal:.2f} / {r['grads'] / ideal:.2f} / {r['opt'] / (2 * ideal):.2f}",
+                    f"{r['blocks'] / MIB:.2f}", f"{weights / ideal:.2f}",
+                    f"{weights / (ideal * sizes['z']):.2f}" if sizes["z"] > 1 else "-",
+                    f"{r['acts'] / MIB:.2f}", f"{expected / MIB:.2f}", f"{r['acts'] / expected:.2f}",
+                    f"{peak / MIB:.2f}", f"{peak / (4 * ideal + expected):.2f}",
+                    f"{max(g['in_flight'] for g in got)} / {sent / 2**10:.0f} / {sent / hidden:.1f}"])
+    return out
 
 
 def worker(rank: int, port: int, args: argparse.Namespace) -> None:
@@ -80,30 +205,27 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     full = sum(p.numel() * p.element_size() for p in _model(args).parameters())
-    rows = []
-    for grid in GRIDS:
-        for sample in ((False, True) if grid["pp"] > 1 else (False,)):
-            mine = measure(grid, args, sample)
-            gathered: list = [None] * WORLD
-            dist.all_gather_object(gathered, mine)
-            rows.append((grid, sample, gathered))
+    results, start = [], time.perf_counter()
+    for grid, sample in GRIDS:
+        mine = measure(grid, args, sample)
+        gathered: list[Any] = [None] * WORLD
+        dist.all_gather_object(gathered, mine)
+        results.append((grid, sample, gathered))
     if rank == 0:
-        print(f"\n## Pipeline memory per rank (Llama, {args.layers} blocks, width {args.width}, "
-              f"P = {full / 2**20:.2f} MiB of parameters; 1F1B, M=4; fullest rank)")
-        print("| grid | split made | params held after parallelize | ideal P/pp | ratio | "
-              "peak (params+grads+AdamW+acts) | ideal 4P/pp + acts | ratio | p2p sends in flight (max) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for grid, sample, got in rows:
-            pp = grid["pp"]
-            after = max(r["after"] for r in got)
-            worst = max(got, key=lambda r: r["peak"])
-            ideal_peak = 4 * full / pp + worst["acts"]
-            when = "n/a" if pp == 1 else ("in parallelize (sample_batch)" if sample else "at the first forward")
-            print(f"| pp={pp} x dp={grid['dp']} | {when} | {after / 2**20:.2f} MiB | {full / pp / 2**20:.2f} MiB | "
-                  f"{after / (full / pp):.2f} | {worst['peak'] / 2**20:.2f} MiB | {ideal_peak / 2**20:.2f} MiB | "
-                  f"{worst['peak'] / ideal_peak:.2f} | {max(r['in_flight'] for r in got)} |")
-        print("\n'after parallelize' without sample_batch is the host-side model until the first forward "
-              "splits it; the device then receives the stage only.")
+        print(f"\n{WORLD} gloo ranks, Llama {args.layers} blocks x {args.width}, vocab 4096, seq {args.seq}, "
+              f"P = {full / MIB:.2f} MiB of fp32 parameters, global batch {ROWS}, AdamW, zero=0; "
+              f"1F1B with M={M} when pp > 1; fullest rank, MiB; n = pp*x*y*z\n")
+        print(table("Peak memory per rank (pp and z)",
+                    ["grid", "pp split made in", "params held after parallelize", "ideal P/n",
+                     "params / grads / AdamW at peak", "x ideal (P/n, P/n, 2P/n)", "z blocks saved at peak",
+                     "weights at peak x P/n", "weights at peak x zP/n", "activations", "expected",
+                     "x expected", "peak total", "x (4P/n + expected)",
+                     "p2p sends held (max): tensors / KiB / x one hidden state"],
+                    _rows(results, full, args)))
+        print("\nweights at peak = parameters + z-gathered blocks saved for backward at the activation peak; "
+              "activations exclude those blocks. Params held after parallelize without sample_batch are the "
+              "host-side model until the first forward splits it; the device then receives the stage only. "
+              f"wall time {time.perf_counter() - start:.0f} s")
     dist.destroy_process_group()
 
 
