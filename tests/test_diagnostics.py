@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def test_rank_stuck_in_compute_is_named_within_the_timeout(pool4):
     for r in (1, 2):
         msg = out[r]["error"]
         assert msg is not None and out[r]["type"] == "CollectiveHangError", out[r]
+        print(f"stuck rank: rank {r} named it {out[r]['elapsed']:.2f} s after entering (timeout {T} s)")
         assert out[r]["elapsed"] < T + 3, f"rank {r} reported after {out[r]['elapsed']:.1f} s"
         group = "dp[1,3]" if r == 1 else "x[2,3]"
         assert f"all_reduce #3 on group {group}" in msg, msg
@@ -94,6 +96,56 @@ def test_rank_stuck_in_compute_is_named_within_the_timeout(pool4):
     # the latecomer learns that its peers gave up on it
     assert out[3]["error"] is not None and "gave up in the same collective" in out[3]["error"], out[3]
     assert out[0]["error"] is None
+
+
+class Sleepy(torch.nn.Module):
+    """A model whose forward can be told to 'compute' (sleep) for a while on one rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        self.nap = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.nap)
+        return self.net(x)
+
+
+def _engine_hang() -> dict[str, Any]:
+    grid = autopar.init(dp=2, x=2, timeout=T)
+    torch.manual_seed(0)
+    with autopar.auto_parallelize():
+        model = Sleepy()
+    engine = autopar.parallelize(model, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                 loss_fn=lambda out, b: torch.nn.functional.mse_loss(out, b[1]))
+    g = torch.Generator().manual_seed(1)
+    batch = autopar.shard_batch((torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)))
+    engine.step(batch)
+    model.nap = T + 3 if grid.rank == 3 else 0.0
+    out: dict[str, Any] = {"error": None, "type": None}
+    start = time.monotonic()
+    try:
+        engine.step(batch)
+    except RuntimeError as e:
+        out["error"], out["type"] = str(e), type(e).__name__
+    out["elapsed"] = time.monotonic() - start
+    return out
+
+
+def test_engine_step_names_the_rank_sleeping_in_its_forward(pool4):
+    """Rank 3 sleeps in forward during a dp=2 x x=2 step: its x peer (rank 2) and dp peer
+    (rank 1) name it as stuck in compute; rank 0, whose dp peer is rank 2, learns that rank 2
+    waits in a collective on the x group [2,3]. All of them within the timeout, not a multiple."""
+    out = pool4.run(_engine_hang)
+    for r in (0, 1, 2):
+        print(f"engine hang: rank {r} raised {out[r]['type']} {out[r]['elapsed']:.2f} s into the step (timeout {T} s)")
+        assert out[r]["type"] == "CollectiveHangError", out[r]
+        assert out[r]["elapsed"] < T + 3, out[r]
+    for r in (1, 2):
+        assert "rank 3 is behind" in out[r]["error"] and "stuck in compute" in out[r]["error"], out[r]["error"]
+    # rank 2 may already have given up on rank 3 when rank 0 reads its record, or still wait there
+    assert re.search(r"rank 2 is behind: .* (is waiting in|gave up in) all_reduce #\d+ on group x\[2,3\]",
+                     out[0]["error"]), out[0]["error"]
 
 
 def _mismatch() -> dict[str, Any]:
@@ -147,7 +199,7 @@ def test_report_from_records(monkeypatch):
     store = dist.HashStore()
     rec = diagnostics._Recorder(0, store, interval=1.0, debug=False)
     group = "dp[0,1,2,3,4]"
-    entry = [42, "all_reduce", group, None, ["float32[8]"], time.time() - T, diagnostics.FAILED, None, None]
+    entry = [42, "all_reduce", group, None, [("", torch.float32, torch.Size([8]))], time.time() - T, diagnostics.FAILED, None, None]
     rec.entries.append(entry)
     rec.groups["g"] = [group, 42]
     now = time.time()
@@ -167,7 +219,7 @@ def test_report_from_records(monkeypatch):
     report = diagnostics.build_report(rec, entry)
     assert "ranks 0,1 are waiting in all_reduce #42 on group dp[0,1,2,3,4] (float32[8])" in report, report
     assert ("rank 2 is behind: it reached only #41 on group dp[0,1,2,3,4] and last finished all_reduce "
-            "#41 on group dp[0,1,2,3,4] (float32[8]) 7.0 s ago and is outside any collective") in report, report
+            "#41 on group dp[0,1,2,3,4] (float32[8]) 7.2 s ago and is outside any collective") in report, report
     assert "rank 3 is behind: it reached only #41" in report and "waiting in all_reduce #9 on group x[3,7]" in report
     assert "the process is dead or frozen" in report, report
     assert "rank 4 is in broadcast #42 on group dp[0,1,2,3,4] (float32[8]) instead" in report, report

@@ -23,6 +23,7 @@ not wrapped by torch, so ``init`` makes groups with ``new_group`` in debug mode.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import json
@@ -107,7 +108,7 @@ class _Recorder:
                     (w := ref()) is None or w.is_completed() for ref in e[WORK]):
                 state = DONE  # a released or completed async work has finished
             out.append({"seq": e[SEQ], "op": e[OP], "group": e[GROUP], "peer": e[PEER],
-                        "shapes": e[SHAPES], "age": round(now - e[T0], 2), "state": state,
+                        "shapes": _fmt(e[SHAPES]), "age": round(now - e[T0], 2), "state": state,
                         "where": e[WHERE]})
         return {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "time": now,
                 "session": self.session, "closed": self.closed,
@@ -147,18 +148,22 @@ def _label(group: Any) -> str:
     return f"{desc}[{shown}]"
 
 
-def _shapes(args: tuple[Any, ...]) -> list[str]:
-    """``float32[4, 8]`` for each tensor argument (first of a list, with the list's length)."""
+def _shapes(args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """The tensor arguments' (prefix, dtype, shape), unformatted: formatting waits for a publish."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            out.append(f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}")
+            out.append(("", a.dtype, a.shape))
         elif isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            out.append(f"{len(a)}x{str(a[0].dtype).removeprefix('torch.')}{list(a[0].shape)}")
+            out.append((f"{len(a)}x", a[0].dtype, a[0].shape))
         elif isinstance(a, (list, tuple)) and a and isinstance(a[0], dist.P2POp):
-            out.extend(f"{p.op.__name__}({p.peer}):{str(p.tensor.dtype).removeprefix('torch.')}"
-                       f"{list(p.tensor.shape)}" for p in a[:8])
+            out.extend((f"{p.op.__name__}({p.peer}):", p.tensor.dtype, p.tensor.shape) for p in a[:8])
     return out
+
+
+def _fmt(shapes: list[tuple[Any, ...]]) -> list[str]:
+    """``float32[4, 8]`` per tensor argument (``2xfloat32[4]`` for the first of a list of two)."""
+    return [f"{prefix}{str(dtype).removeprefix('torch.')}{list(shape)}" for prefix, dtype, shape in shapes]
 
 
 def _where() -> str:
@@ -254,6 +259,8 @@ def install(rank: int, timeout_s: float, debug: bool) -> None:
     dist.Work.wait = _wait(dist.Work.wait)
     _rec.publish()  # a fresh record now: a rank that hangs before its first beat is still known
     _rec.thread.start()
+    if _sessions == 1:  # a script that ends without destroy(): no beat during interpreter teardown
+        atexit.register(lambda: _rec is not None and _rec.stop.set())
 
 
 def uninstall() -> None:
@@ -311,7 +318,7 @@ def explain(err: RuntimeError, entry: list[Any] | None) -> RuntimeError:
 
 def _describe(e: list[Any] | dict[str, Any]) -> str:
     if isinstance(e, list):
-        e = {"op": e[OP], "seq": e[SEQ], "group": e[GROUP], "peer": e[PEER], "shapes": e[SHAPES]}
+        e = {"op": e[OP], "seq": e[SEQ], "group": e[GROUP], "peer": e[PEER], "shapes": _fmt(e[SHAPES])}
     peer = f" with rank {e['peer']}" if e.get("peer") is not None else ""
     return f"{e['op']} #{e['seq']} on group {e['group']}{peer} ({', '.join(e['shapes']) or 'no tensors'})"
 
@@ -338,10 +345,13 @@ def _position(rec: dict[str, Any], now: float, interval: float) -> str:
     if not rec["entries"]:
         return f"has made no collective since init ({beat})"
     last = rec["entries"][-1]
+    age = last["age"] + stale  # ages are as of the record; the record itself is ``stale`` old
     if last["state"] == IN_FLIGHT:
-        return f"is waiting in {_describe(last)} for {last['age']:.1f} s ({beat})"
-    verb = "finished" if last["state"] == DONE else "failed in"
-    return (f"last {verb} {_describe(last)} {last['age']:.1f} s ago and is outside any collective "
+        return f"is waiting in {_describe(last)} for {age:.1f} s ({beat})"
+    if last["state"] == FAILED:
+        return (f"gave up in {_describe(last)} {age:.1f} s ago (timed out or lost a peer; its own "
+                f"report says on whom) ({beat})")
+    return (f"last finished {_describe(last)} {age:.1f} s ago and is outside any collective "
             f"since: stuck in compute or in the input pipeline ({beat})")
 
 
@@ -353,7 +363,7 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
         entry = next((e for e in reversed(rec.entries) if e[STATE] != DONE), None)
         if entry is None:
             return f"autopar: a collective failed on rank {rec.rank}; it had no collective in flight"
-    label, seq, now = entry[GROUP], entry[SEQ], time.time()
+    label, seq, shapes, now = entry[GROUP], entry[SEQ], _fmt(entry[SHAPES]), time.time()
     lines = [f"autopar: {_describe(entry)} failed on rank {rec.rank} after {now - entry[T0]:.1f} s "
              f"(collective timeout or a peer gone). Ranks of group {label}:"]
     records: dict[int, dict[str, Any] | None] = {}
@@ -376,12 +386,12 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
             lines.append(f"  rank {r} is behind: it reached only #{reached} on group {label} and "
                          f"{_position(other, now, rec.interval)}")
         elif mine and mine[0]["state"] != DONE and mine[0]["op"] == entry[OP] and \
-                mine[0]["shapes"] == entry[SHAPES]:
+                mine[0]["shapes"] == shapes:
             if mine[0]["state"] == FAILED:
                 lines.append(f"  rank {r} gave up in the same collective (timed out or lost a peer)")
             else:
                 waiting.append(r)
-        elif mine and (mine[0]["op"] != entry[OP] or mine[0]["shapes"] != entry[SHAPES]):
+        elif mine and (mine[0]["op"] != entry[OP] or mine[0]["shapes"] != shapes):
             lines.append(f"  rank {r} is in {_describe(mine[0])} instead: the ranks disagree "
                          f"on the order or the shapes of their collectives (AUTOPAR_DEBUG=1 checks each)")
         else:
