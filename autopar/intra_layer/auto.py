@@ -27,9 +27,11 @@ one tensor, so it stays whole: the block records every parameter registration ma
 (``torch.nn.modules.module.register_module_parameter_registration_hook``) to find such ties,
 since they are plain attribute assignments that the layers never see. A weight tied that way
 keeps its whole layer (and every layer sharing it) serial, named in the log with the holder.
-Parameters registered in the block that no parallel layer holds and that are a large share of
-what the block built (fused MoE expert tensors, custom modules; ``LARGE_SHARE``) are named in
-the same log, since they keep the memory per rank from following the grid.
+Fused MoE expert tensors (transformers 5's ``@use_experts_implementation`` classes) are
+sharded by ``experts`` (whole experts over x·y, each block over z), or named in the log with
+the reason they stay whole. Other parameters registered in the block that no parallel layer
+holds and that are a large share of what the block built (custom modules; ``LARGE_SHARE``) are
+named in the same log, since they keep the memory per rank from following the grid.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from torch import nn
 from ..runtime.params import set_grad_axes
 from ..runtime.state import current_grid
 from .autochain import watch
+from .experts import plan_experts
 from .layers import Embedding, Linear, ShardedModule, conv1d_class, make_local, spec_of
 from .layout import ShardSpec, bias_spec, divisible, linear_weight_spec
 from .prefetch import Prefetcher
@@ -230,9 +233,11 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
             for pid, (ref, mods) in holders.items() if ref() is not None}
     foreign = {pid: ", ".join(f"{type(m).__name__}.{n}" for mid, (m, n) in mods.items() if mid not in ours)
                for pid, (_, mods) in live.items() if set(mods) - ours}
-    whole = [f"{m!r}: {why}" for m, why in block.serial] + \
-        _large_outside(live, ours | {id(m) for m, _ in block.serial})
+    experts = plan_experts(live, min_numel)
+    whole = [f"{m!r}: {why}" for m, why in block.serial] + experts.whole + \
+        _large_outside(live, ours | {id(m) for m, _ in block.serial} | experts.found)
     shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign, whole=tuple(whole))
+    experts.apply()
     for layer in layers:
         layer.reshard_after_forward = reshard_after_forward
     if chain:  # twins of subclasses add work after the base forward: they keep full features
@@ -257,7 +262,7 @@ def _large_outside(live: Mapping[int, tuple[nn.Parameter, Mapping[int, tuple[nn.
         if total and numel > LARGE_SHARE * total:
             shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in params)
             found.append(f"{type(module).__name__} ({shapes}): {numel / total:.0%} of the parameters built here, "
-                         "in no nn.Linear / nn.Embedding / Conv1D (stays whole)")
+                         "in no nn.Linear / nn.Embedding / Conv1D / fused experts (stays whole)")
     return found
 
 

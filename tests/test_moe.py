@@ -1,0 +1,218 @@
+"""MoE experts under ``auto_parallelize`` (issue 13.3) against serial training.
+
+Tiny Mixtral and Qwen2-MoE (fused 3-D expert tensors, E=4, top_k=2) and a plain MoE whose
+experts are an ``nn.ModuleList`` of ``nn.Linear`` MLPs, on x=2, x2 x y2, dp2 x x2 and x2 x z2:
+construction bit-identical to serial, then 3 AdamW steps compared with serial on the same
+global batches: losses, the gradients of the first step (recorded by the optimizer before it
+steps, gathered to full size) and the weights (``full_state_dict``), each tensor's error
+relative to its own update. float64 uses the loss in the logits' dtype (HF's casts to fp32).
+Each rank also reports its share of the model's and of the experts' elements. The serial
+reference runs once per model and dtype in the test process; ranks start once per module.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+import autopar
+from autopar.intra_layer import gather_full, spec_of
+from autopar.intra_layer.experts import ShardedExperts
+
+VOCAB, GLOBAL, SEQ, STEPS = 64, 8, 8, 3
+LR = 1e-2
+GRIDS = {"x2": dict(x=2), "x2y2": dict(x=2, y=2), "dp2x2": dict(dp=2, x=2), "x2z2": dict(x=2, z=2)}
+
+
+def _mixtral(impl: str) -> nn.Module:
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = impl
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def _qwen(impl: str) -> nn.Module:
+    cfg = transformers.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=32, decoder_sparse_step=1)
+    cfg._experts_implementation = impl
+    return transformers.Qwen2MoeForCausalLM(cfg)
+
+
+class ListMoE(nn.Module):
+    """The older layout: a router ``nn.Linear`` and experts as an ``nn.ModuleList`` of MLPs.
+    Every expert runs on every rank, on the (possibly empty) rows routed to it, so the z ranks,
+    which see different tokens, still make the same weight gathers."""
+
+    def __init__(self, impl: str, dim: int = 16, hidden: int = 32, experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+                                     for _ in range(experts))
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+        self.top_k = top_k
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        h = self.embed(input_ids)
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out = out.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+        return {"logits": self.head(h + out.view_as(h))}
+
+
+BUILDERS: dict[str, Callable[[str], nn.Module]] = {"mixtral": _mixtral, "qwen2moe": _qwen, "listmoe": ListMoE}
+
+
+def _build(name: str, dtype: torch.dtype, impl: str, parallel: bool) -> nn.Module:
+    """``impl``: transformers' experts implementation ("eager" loops over the hit experts;
+    "grouped_mm" / "batched_mm" run every routed pair at once, and have no float64 kernel)."""
+    torch.manual_seed(0)
+    if parallel:
+        with autopar.auto_parallelize():
+            model = BUILDERS[name](impl)
+    else:
+        model = BUILDERS[name](impl)
+    return model.to(dtype)
+
+
+def _batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, VOCAB, (GLOBAL, SEQ), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def lm_loss(output: Any, batch: dict) -> torch.Tensor:
+    """Mean next-token cross entropy in the logits' own dtype."""
+    logits = output["logits"][:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+
+
+def lm_items(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+class _Recording(torch.optim.AdamW):
+    """AdamW that keeps the gradients its first step saw."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=LR, eps=1e-6)
+        self.first: dict[int, torch.Tensor] | None = None
+
+    def step(self, closure: Any = None) -> Any:
+        if self.first is None:
+            self.first = {id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                          if p.grad is not None}
+        return super().step(closure)
+
+
+def _expert_params(model: nn.Module) -> set[str]:
+    return {f"{n}.{k}" if n else k for n, m in model.named_modules()
+            if isinstance(m, ShardedExperts) or type(m).__name__.endswith("Experts") for k in m._parameters}
+
+
+def run_parallel(name: str, grid: dict, dtype: torch.dtype, impl: str) -> dict | None:
+    """On every rank: build under the grid, check construction, train; rank 0 returns the
+    results (others None) with every rank's parameter shares."""
+    autopar.init(**grid)
+    model = _build(name, dtype, impl, parallel=True)
+    built = autopar.full_state_dict(model)
+    experts = _expert_params(model)
+    n_all = sum(v.numel() for v in built.values())
+    n_exp = sum(v.numel() for k, v in built.items() if k in experts)
+    named = dict(model.named_parameters())
+    local_all = sum(p.numel() for p in named.values())
+    local_exp = sum(p.numel() for k, p in named.items() if k in experts)
+    sharded = sorted(k for k, m in model.named_modules() if isinstance(m, ShardedExperts))
+    engine = autopar.parallelize(model, optimizer=_Recording, loss_fn=lm_loss, loss_items=lm_items)
+    losses = [engine.step(autopar.shard_batch(_batch(s))) for s in range(STEPS)]
+    first = engine.optimizer.first
+    grads = {}
+    for key, p in named.items():
+        g = first[id(p)]
+        grads[key] = (g if spec_of(p) is None else gather_full(g.reshape(-1), spec_of(p), engine.grid)).cpu()
+    final = autopar.full_state_dict(engine)
+    shares = [None] * engine.grid.world_size
+    torch.distributed.all_gather_object(shares, (local_all / n_all, local_exp / max(n_exp, 1)))
+    if engine.grid.rank != 0:
+        return None
+    return {"built": built, "final": final, "grads": grads, "losses": losses, "shares": shares,
+            "sharded": sharded}
+
+
+@functools.cache
+def serial(name: str, dtype: torch.dtype, impl: str) -> dict:
+    model = _build(name, dtype, impl, parallel=False)
+    built = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-6)
+    losses, grads = [], {}
+    for s in range(STEPS):
+        batch = _batch(s)
+        loss = lm_loss(model(**batch), batch)
+        loss.backward()
+        if s == 0:
+            grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"built": built, "final": model.state_dict(), "grads": grads, "losses": losses}
+
+
+def relative_errors(par: dict, ref: dict, start: dict | None) -> dict[str, float]:
+    """||a - b|| / ||b - start|| per tensor (||b|| when ``start`` is None), zero-sized updates left out."""
+    out = {}
+    for key, b in ref.items():
+        scale = (b - start[key]).norm() if start is not None else b.norm()
+        if scale > 0:
+            out[key] = float((par[key] - b).norm() / scale)
+    return out
+
+
+def check(name: str, grid: str, dtype: torch.dtype, impl: str, pool: Any) -> dict:
+    got = pool.run(run_parallel, name, GRIDS[grid], dtype, impl, timeout=600)[0]
+    ref = serial(name, dtype, impl)
+    case = f"{name} {grid} {dtype} {impl}"
+    assert got["built"].keys() == ref["built"].keys(), got["built"].keys() ^ ref["built"].keys()
+    for key, v in ref["built"].items():
+        assert torch.equal(got["built"][key], v), f"{case}: {key} differs from the serial construction"
+    if name != "listmoe":
+        assert got["sharded"], f"{case}: no experts module was sharded"
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    loss_tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=loss_tol,
+                               atol=loss_tol, msg=lambda m: f"{case}: losses {got['losses']} vs {ref['losses']}")
+    grad_err = relative_errors(got["grads"], ref["grads"], None)
+    weight_err = relative_errors(got["final"], ref["final"], ref["built"])
+    for kind, errors in (("gradient", grad_err), ("weight", weight_err)):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < tol, f"{case}: {kind} of {worst} off by {errors[worst]:.2e} (limit {tol})"
+    return {"grad": max(grad_err.values()), "weight": max(weight_err.values()), "shares": got["shares"]}
+
+
+CASES = [(name, grid, dtype, "eager" if dtype == torch.float64 else "grouped_mm") for name in ("mixtral", "qwen2moe")
+         for grid in GRIDS for dtype in (torch.float64, torch.float32)] + \
+        [("mixtral", "x2y2", torch.float32, "batched_mm"), ("mixtral", "x2z2", torch.float32, "eager")] + \
+        [("listmoe", grid, torch.float64, "eager") for grid in GRIDS]
+
+
+@pytest.mark.parametrize("name,grid,dtype,impl", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_moe_equals_serial(pool2, pool4, name, grid, dtype, impl):
+    pool = pool2 if grid == "x2" else pool4
+    result = check(name, grid, dtype, impl, pool)
+    sizes = GRIDS[grid]
+    ideal = 1 / (sizes.get("x", 1) * sizes.get("y", 1) * sizes.get("z", 1))
+    if name != "listmoe":  # every rank holds exactly its 1/(x*y*z) of each expert tensor
+        for _, experts in result["shares"]:
+            assert experts == pytest.approx(ideal), f"{name} {grid}: experts share {experts} vs ideal {ideal}"
+    print(f"{name} {grid} {dtype} {impl}: gradient err {result['grad']:.1e}, weight err {result['weight']:.1e}, "
+          f"share per rank {[round(a, 3) for a, _ in result['shares']]} (ideal {ideal:.3f})")
