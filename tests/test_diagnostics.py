@@ -229,6 +229,15 @@ def test_report_from_records(monkeypatch):
     assert "rank 4 never reported: dead or stuck outside a collective" in report, report
     assert "rank 2 never reported" in report, report  # its record is from an earlier init
 
+    # point to point: sequence numbers differ across stages legitimately; the peer's position is the report
+    p2p = [7, "batch_isend_irecv", "pp[0,5]", [5], [("irecv(5):", torch.float32, torch.Size([2, 8]))],
+           time.time() - T, diagnostics.FAILED, None, None]
+    put(5, 3, [{**e, "seq": 3, "group": "x[5,6]", "state": "done", "age": 6.0}])
+    report = diagnostics.build_report(rec, p2p)
+    assert "rank 0 is waiting in batch_isend_irecv #7 on group pp[0,5] with rank 5 (irecv(5):float32[2, 8])" \
+        in report, report
+    assert "rank 5 last finished all_reduce #3 on group x[5,6]" in report and "stuck in compute" in report, report
+
 
 RANK_SCRIPT = """
 import sys, time

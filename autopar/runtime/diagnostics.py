@@ -56,6 +56,7 @@ OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single"
 HANG_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "pair closure",
                 "failed to pass monitoredBarrier", "Connection reset by peer")
 MISMATCH_MARKER = "Detected mismatch between collectives"
+P2P_OPS = frozenset({"send", "recv", "isend", "irecv", "batch_isend_irecv"})
 
 # An entry is a list, mutated in place when the collective ends: [seq, op, group, peer, shapes,
 # start time, state, work ref, where].
@@ -196,7 +197,7 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         peer = kwargs.get(peer_name, args[p_at] if p_at is not None and len(args) > p_at else None) \
             if peer_name else None
         if op == "batch_isend_irecv" and args and args[0]:
-            group = args[0][0].group
+            group, peer = args[0][0].group, sorted({p.peer for p in args[0]})
         entry = rec.begin(op, group, peer, args)
         rec.depth += 1
         try:
@@ -319,7 +320,9 @@ def explain(err: RuntimeError, entry: list[Any] | None) -> RuntimeError:
 def _describe(e: list[Any] | dict[str, Any]) -> str:
     if isinstance(e, list):
         e = {"op": e[OP], "seq": e[SEQ], "group": e[GROUP], "peer": e[PEER], "shapes": _fmt(e[SHAPES])}
-    peer = f" with rank {e['peer']}" if e.get("peer") is not None else ""
+    p = e.get("peer")
+    p = [p] if isinstance(p, int) else p or []
+    peer = f" with rank{'s' if len(p) > 1 else ''} {','.join(map(str, p))}" if p else ""
     return f"{e['op']} #{e['seq']} on group {e['group']}{peer} ({', '.join(e['shapes']) or 'no tensors'})"
 
 
@@ -341,7 +344,7 @@ def _position(rec: dict[str, Any], now: float, interval: float) -> str:
     stale = now - rec["time"]
     beat = f"last heartbeat {stale:.1f} s ago"
     if stale > 3 * interval + 1:
-        beat += ": the process is dead or frozen (not even its heartbeat thread runs)"
+        beat += ": the process is dead or frozen, not even its heartbeat thread runs"
     if not rec["entries"]:
         return f"has made no collective since init ({beat})"
     last = rec["entries"][-1]
@@ -367,7 +370,13 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
     lines = [f"autopar: {_describe(entry)} failed on rank {rec.rank} after {now - entry[T0]:.1f} s "
              f"(collective timeout or a peer gone). Ranks of group {label}:"]
     records: dict[int, dict[str, Any] | None] = {}
-    todo = [r for r in _members(label) if r != rec.rank] or list(range(dist.get_world_size()))
+    # Point to point: the group's sequence numbers are not comparable across ranks (a stage
+    # talks to its neighbours only), so the peers' own positions are the report.
+    p2p = entry[OP] in P2P_OPS
+    peers = [] if entry[PEER] is None else [entry[PEER]] if isinstance(entry[PEER], int) else entry[PEER]
+    if p2p:
+        lines[0] = lines[0].replace(f"Ranks of group {label}:", "Its peers:")
+    todo = list(peers if p2p else [r for r in _members(label) if r != rec.rank]) or list(range(dist.get_world_size()))
     waiting = [rec.rank]
     while todo and len(records) < MAX_RANKS_READ:
         r = todo.pop(0)
@@ -380,6 +389,9 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
                          f"(no record in the store since this autopar.init)")
             continue
         before = len(lines)
+        if p2p:
+            lines.append(f"  rank {r} {_position(other, now, rec.interval)}")
+            continue
         mine = [e for e in other["entries"] if e["group"] == label and e["seq"] == seq]
         reached = other["seq"].get(label, 0)
         if reached < seq:
