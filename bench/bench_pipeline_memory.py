@@ -24,6 +24,8 @@ peak) is shown. With n = pp*x*y*z and P the serial model's parameter bytes, the 
 The last column is the most sent p2p tensors held at once, their bytes, and those bytes over one
 microbatch's boundary hidden state (rows x seq x width fp32): microbatches' worth in flight, which
 1F1B bounds by pp (a message may carry more than the hidden state, so the count is an upper one).
+On gloo a send's ``Work.is_completed()`` stays False until ``wait()``, so there every send of the
+step is held until its end: M hidden states on an end stage, 2M on a middle one.
 On CUDA, ``torch.cuda.max_memory_allocated`` would replace the tensor counts; this machine has
 no GPU, so the figures are tensor bytes counted exactly.
 
@@ -36,7 +38,7 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,7 +83,8 @@ class _Blocks:
 
 class _SplitMeter(ActivationMeter):
     """autopar's activation meter, also following the gathered blocks among the saved tensors:
-    ``blocks_at_peak`` is how many of the peak's bytes were weight blocks."""
+    ``blocks_at_peak`` is how many of the peak's bytes were weight blocks. It hooks the meter's
+    own per-storage bookkeeping (``_pack``, ``_release``, ``_live``), so both count alike."""
 
     def __init__(self, model: torch.nn.Module, blocks: _Blocks) -> None:
         super().__init__(model)
@@ -105,7 +108,7 @@ class _SplitMeter(ActivationMeter):
 
 
 @contextlib.contextmanager
-def _tracking(blocks: _Blocks, sent: list[int]) -> Any:
+def _tracking(blocks: _Blocks, sent: list[int]) -> Iterator[None]:
     """Every depth gather (on demand in ``comm``, prefetched in ``prefetch``) recorded, and the
     most bytes of sent p2p tensors held at once in ``sent[0]`` (``P2P`` counts only tensors)."""
     originals, post = (comm.start_depth_gather, prefetch.start_depth_gather), P2P.post
@@ -139,6 +142,8 @@ def _batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def _held(model: torch.nn.Module) -> int:
+    """Parameter bytes with real storage behind them, each storage once: other stages' stand-ins
+    and tied weights must not count."""
     seen, total = set(), 0
     for p in model.parameters():
         storage = p.untyped_storage()
@@ -201,6 +206,7 @@ def _rows(results: list[tuple[dict[str, int], bool, list[dict[str, int]]]], full
 
 
 def worker(rank: int, port: int, args: argparse.Namespace) -> None:
+    """Every grid in turn on one world (imports once); rank 0 prints the table."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
