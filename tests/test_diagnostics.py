@@ -202,6 +202,7 @@ def test_report_from_records(monkeypatch):
     entry = [42, "all_reduce", group, None, [("", torch.float32, torch.Size([8]))], time.time() - T, diagnostics.FAILED, None, None]
     rec.entries.append(entry)
     rec.groups["g"] = [group, 42]
+    rec.members[group] = [0, 1, 2, 3, 4]
     now = time.time()
 
     def put(rank: int, seq: int, entries: list[dict[str, Any]], age: float = 0.2, session: int = rec.session) -> None:
@@ -228,6 +229,15 @@ def test_report_from_records(monkeypatch):
     report = diagnostics.build_report(rec, entry)
     assert "rank 4 never reported: dead or stuck outside a collective" in report, report
     assert "rank 2 never reported" in report, report  # its record is from an earlier init
+
+    # a long group's label shortens its rank list; the report still reads every member
+    big = diagnostics._label(object(), list(range(10)))
+    assert big == "group[0,1,2,3,4,5,6,7,...(10 ranks)]", big
+    rec.members[big] = list(range(10))
+    put(9, 0, [])
+    report = diagnostics.build_report(rec, [1, "barrier", big, None, [], time.time() - T, diagnostics.FAILED,
+                                            None, None])
+    assert f"rank 9 is behind: it reached only #0 on group {big} and has made no collective" in report, report
 
     # point to point: sequence numbers differ across stages legitimately; the peer's position is the report
     p2p = [7, "batch_isend_irecv", "pp[0,5]", [5], [("irecv(5):", torch.float32, torch.Size([2, 8]))],

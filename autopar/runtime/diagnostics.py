@@ -27,7 +27,6 @@ import atexit
 import functools
 import inspect
 import json
-import logging
 import os
 import socket
 import sys
@@ -40,13 +39,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("autopar")
+from .hang_report import (DONE, FAILED, GROUP, IN_FLIGHT, KEY, OP, PEER, SEQ, SHAPES, STATE, T0,
+                          WHERE, WORK, _fmt, build_report, describe)
 
 HEARTBEAT_ENV = "AUTOPAR_HEARTBEAT_S"
 DEBUG_ENV = "AUTOPAR_DEBUG"
-KEY = "autopar/diag/{rank}"
 HISTORY = 16  # entries published per rank: enough to see the step a rank is in
-MAX_RANKS_READ = 256  # a report reads at most this many peers' records (one store get each)
 
 OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
        "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
@@ -56,12 +54,6 @@ OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single"
 HANG_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "pair closure",
                 "failed to pass monitoredBarrier", "Connection reset by peer")
 MISMATCH_MARKER = "Detected mismatch between collectives"
-P2P_OPS = frozenset({"send", "recv", "isend", "irecv", "batch_isend_irecv"})
-
-# An entry is a list, mutated in place when the collective ends: [seq, op, group, peer, shapes,
-# start time, state, work ref, where].
-SEQ, OP, GROUP, PEER, SHAPES, T0, STATE, WORK, WHERE = range(9)
-IN_FLIGHT, DONE, FAILED = "in flight", "done", "failed"
 
 
 class CollectiveHangError(dist.DistBackendError):
@@ -76,6 +68,12 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
 
 
+class _Depth(threading.local):
+    """Per thread, as a checkpoint's background thread issues collectives of its own."""
+
+    depth = 0  # > 0 inside a wrapped collective: nested torch calls are not recorded twice
+
+
 class _Recorder:
     """This rank's flight recorder and the publisher of its record to the store."""
 
@@ -84,7 +82,8 @@ class _Recorder:
         self.entries: deque[list[Any]] = deque(maxlen=HISTORY)
         self.groups: dict[Any, list[Any]] = {}  # group -> [label, last seq]; strong refs until uninstall
         self.world = dist.group.WORLD
-        self.depth = 0  # > 0 inside a wrapped collective: nested torch calls are not recorded twice
+        self.tls = _Depth()
+        self.members: dict[str, list[int]] = {}  # label -> all global ranks (labels shorten long lists)
         self.session = _sessions  # which autopar.init of this process: older records are stale
         self.closed = False
         self.stop = threading.Event()
@@ -94,7 +93,9 @@ class _Recorder:
         group = group if group is not None else self.world
         info = self.groups.get(group)
         if info is None:
-            info = self.groups[group] = [_label(group), 0]
+            ranks = _ranks(group)
+            info = self.groups[group] = [_label(group, ranks), 0]
+            self.members[info[0]] = ranks
         info[1] += 1
         entry = [info[1], op, info[0], peer, _shapes(args), time.time(), IN_FLIGHT, None,
                  _where() if self.debug else None]
@@ -136,12 +137,15 @@ _saved: list[tuple[Any, str, Any]] = []  # (namespace, name, original) to restor
 _saved_debug: Any = None
 
 
-def _label(group: Any) -> str:
-    """``dp[1,3]``: the group's axes (autopar's group_desc) and its global ranks."""
+def _ranks(group: Any) -> list[int]:
     try:
-        ranks = dist.get_process_group_ranks(group)
+        return list(dist.get_process_group_ranks(group))
     except Exception:  # noqa: BLE001 - a group this rank is not in
-        ranks = []
+        return []
+
+
+def _label(group: Any, ranks: list[int]) -> str:
+    """``dp[1,3]``: the group's axes (autopar's group_desc) and its global ranks."""
     desc = getattr(group, "group_desc", "") or ""
     desc = desc.removeprefix("autopar:") if desc.startswith("autopar:") else (
         "world" if group is dist.group.WORLD else desc or "group")
@@ -160,11 +164,6 @@ def _shapes(args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         elif isinstance(a, (list, tuple)) and a and isinstance(a[0], dist.P2POp):
             out.extend((f"{p.op.__name__}({p.peer}):", p.tensor.dtype, p.tensor.shape) for p in a[:8])
     return out
-
-
-def _fmt(shapes: list[tuple[Any, ...]]) -> list[str]:
-    """``float32[4, 8]`` per tensor argument (``2xfloat32[4]`` for the first of a list of two)."""
-    return [f"{prefix}{str(dtype).removeprefix('torch.')}{list(shape)}" for prefix, dtype, shape in shapes]
 
 
 def _where() -> str:
@@ -191,7 +190,7 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def collective(*args: Any, **kwargs: Any) -> Any:
         rec = _rec
-        if rec is None or rec.depth:
+        if rec is None or rec.tls.depth:
             return fn(*args, **kwargs)
         group = kwargs.get("group", args[g_at] if g_at is not None and len(args) > g_at else None)
         peer = kwargs.get(peer_name, args[p_at] if p_at is not None and len(args) > p_at else None) \
@@ -199,14 +198,18 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if op == "batch_isend_irecv" and args and args[0]:
             group, peer = args[0][0].group, sorted({p.peer for p in args[0]})
         entry = rec.begin(op, group, peer, args)
-        rec.depth += 1
+        tls = rec.tls
+        tls.depth += 1
         try:
             out = fn(*args, **kwargs)
         except RuntimeError as e:
             entry[STATE] = FAILED
-            raise explain(e, entry) from e
+            better = explain(e, entry)
+            if better is e:
+                raise
+            raise better from e
         finally:
-            rec.depth -= 1
+            tls.depth -= 1
         works = out if isinstance(out, list) else [out]
         if out is not None and all(isinstance(w, dist.Work) for w in works):
             entry[WORK] = [weakref.ref(w) for w in works]  # weak: a work holds its tensors alive
@@ -224,13 +227,16 @@ def _wait(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(work, *args, **kwargs)
         except RuntimeError as e:
             rec = _rec
-            if rec is None or rec.depth:  # inside a wrapped collective: it explains the error
+            if rec is None or rec.tls.depth:  # inside a wrapped collective: it explains the error
                 raise
             entry = next((x for x in reversed(rec.entries) if x[WORK] and any(r() is work for r in x[WORK])),
                          None)
             if entry is not None:
                 entry[STATE] = FAILED
-            raise explain(e, entry) from e
+            better = explain(e, entry)
+            if better is e:
+                raise
+            raise better from e
 
     return wait
 
@@ -240,7 +246,9 @@ def install(rank: int, timeout_s: float, debug: bool) -> None:
     global _rec, _sessions
     if _rec is not None or os.environ.get("AUTOPAR_DIAGNOSTICS", "1") == "0":
         return
-    interval = float(os.environ.get(HEARTBEAT_ENV, min(1.0, timeout_s / 5)))
+    # One store set per rank per beat, all on rank 0's store: beat less often in large worlds.
+    default = min(max(1.0, dist.get_world_size() / 1024), timeout_s / 5)
+    interval = float(os.environ.get(HEARTBEAT_ENV, default))
     store = dist.distributed_c10d._get_default_store()
     _sessions += 1
     _rec = _Recorder(rank, store, interval, debug)
@@ -300,9 +308,9 @@ def explain(err: RuntimeError, entry: list[Any] | None) -> RuntimeError:
     text = str(err)
     cause = next((line for line in text.splitlines() if line.strip()), "")[:300]
     if MISMATCH_MARKER in text:
-        head = _describe(entry) if entry else "a collective"
+        head = describe(entry) if entry else "a collective"
         where = f" ({entry[WHERE]})" if entry and entry[WHERE] else ""
-        members = _members(entry[GROUP]) if entry else []
+        members = _rec.members.get(entry[GROUP], []) if entry else []
         numbering = (f" (torch numbers the group's ranks: {', '.join(f'{i} is rank {g}' for i, g in enumerate(members))})"
                      if members else "")
         return CollectiveMismatchError(
@@ -315,104 +323,3 @@ def explain(err: RuntimeError, entry: list[Any] | None) -> RuntimeError:
     except Exception as e:  # noqa: BLE001 - the report must never hide the original error
         report = f"(no cross-rank report: {type(e).__name__}: {e})"
     return CollectiveHangError(f"{report}\n(torch on rank {_rec.rank}: {cause})")
-
-
-def _describe(e: list[Any] | dict[str, Any]) -> str:
-    if isinstance(e, list):
-        e = {"op": e[OP], "seq": e[SEQ], "group": e[GROUP], "peer": e[PEER], "shapes": _fmt(e[SHAPES])}
-    p = e.get("peer")
-    p = [p] if isinstance(p, int) else p or []
-    peer = f" with rank{'s' if len(p) > 1 else ''} {','.join(map(str, p))}" if p else ""
-    return f"{e['op']} #{e['seq']} on group {e['group']}{peer} ({', '.join(e['shapes']) or 'no tensors'})"
-
-
-def _read(store: dist.Store, rank: int, session: int) -> dict[str, Any] | None:
-    key = KEY.format(rank=rank)
-    if not store.check([key]):  # get() would block until the store's timeout for a missing key
-        return None
-    record = json.loads(store.get(key))
-    return record if record.get("session") == session else None  # an earlier init's record
-
-
-def _members(label: str) -> list[int]:
-    inside = label[label.index("[") + 1:-1]
-    return [int(r) for r in inside.split(",") if r.isdigit()]
-
-
-def _position(rec: dict[str, Any], now: float, interval: float) -> str:
-    """Where a rank is, from its own last record."""
-    stale = now - rec["time"]
-    beat = f"last heartbeat {stale:.1f} s ago"
-    if stale > 3 * interval + 1:
-        beat += ": the process is dead or frozen, not even its heartbeat thread runs"
-    if not rec["entries"]:
-        return f"has made no collective since init ({beat})"
-    last = rec["entries"][-1]
-    age = last["age"] + stale  # ages are as of the record; the record itself is ``stale`` old
-    if last["state"] == IN_FLIGHT:
-        return f"is waiting in {_describe(last)} for {age:.1f} s ({beat})"
-    if last["state"] == FAILED:
-        return (f"gave up in {_describe(last)} {age:.1f} s ago (timed out or lost a peer; its own "
-                f"report says on whom) ({beat})")
-    return (f"last finished {_describe(last)} {age:.1f} s ago and is outside any collective "
-            f"since: stuck in compute or in the input pipeline ({beat})")
-
-
-def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
-    """Read the records of the failed collective's group and say who is behind and where
-    (a laggard's own record says where it is: in compute, or waiting in another group)."""
-    rec.publish()  # peers that fail after us see that we gave up here
-    if entry is None:
-        entry = next((e for e in reversed(rec.entries) if e[STATE] != DONE), None)
-        if entry is None:
-            return f"autopar: a collective failed on rank {rec.rank}; it had no collective in flight"
-    label, seq, shapes, now = entry[GROUP], entry[SEQ], _fmt(entry[SHAPES]), time.time()
-    lines = [f"autopar: {_describe(entry)} failed on rank {rec.rank} after {now - entry[T0]:.1f} s "
-             f"(collective timeout or a peer gone). Ranks of group {label}:"]
-    records: dict[int, dict[str, Any] | None] = {}
-    # Point to point: the group's sequence numbers are not comparable across ranks (a stage
-    # talks to its neighbours only), so the peers' own positions are the report.
-    p2p = entry[OP] in P2P_OPS
-    peers = [] if entry[PEER] is None else [entry[PEER]] if isinstance(entry[PEER], int) else entry[PEER]
-    if p2p:
-        lines[0] = lines[0].replace(f"Ranks of group {label}:", "Its peers:")
-    todo = list(peers if p2p else [r for r in _members(label) if r != rec.rank]) or list(range(dist.get_world_size()))
-    waiting = [rec.rank]
-    while todo and len(records) < MAX_RANKS_READ:
-        r = todo.pop(0)
-        if r in records:
-            continue
-        records[r] = _read(rec.store, r, rec.session)
-    for r, other in records.items():
-        if other is None:
-            lines.append(f"  rank {r} never reported: dead or stuck outside a collective "
-                         f"(no record in the store since this autopar.init)")
-            continue
-        before = len(lines)
-        if p2p:
-            lines.append(f"  rank {r} {_position(other, now, rec.interval)}")
-            continue
-        mine = [e for e in other["entries"] if e["group"] == label and e["seq"] == seq]
-        reached = other["seq"].get(label, 0)
-        if reached < seq:
-            lines.append(f"  rank {r} is behind: it reached only #{reached} on group {label} and "
-                         f"{_position(other, now, rec.interval)}")
-        elif mine and mine[0]["state"] != DONE and mine[0]["op"] == entry[OP] and \
-                mine[0]["shapes"] == shapes:
-            if mine[0]["state"] == FAILED:
-                lines.append(f"  rank {r} gave up in the same collective (timed out or lost a peer)")
-            else:
-                waiting.append(r)
-        elif mine and (mine[0]["op"] != entry[OP] or mine[0]["shapes"] != shapes):
-            lines.append(f"  rank {r} is in {_describe(mine[0])} instead: the ranks disagree "
-                         f"on the order or the shapes of their collectives (AUTOPAR_DEBUG=1 checks each)")
-        else:
-            lines.append(f"  rank {r} got past #{seq} on group {label} and {_position(other, now, rec.interval)}")
-        if other.get("closed") and len(lines) > before:
-            lines[-1] += "; it has since left autopar (destroy ran)"
-    lines.insert(1, f"  rank{'s' if len(waiting) > 1 else ''} {','.join(map(str, sorted(waiting)))} "
-                    f"{'are' if len(waiting) > 1 else 'is'} waiting in {_describe(entry)}")
-    report = "\n".join(lines)
-    if rec.rank == min(waiting):  # one rank logs it, so the job log holds the report once
-        log.error("%s", report)
-    return report
