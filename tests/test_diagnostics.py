@@ -262,19 +262,25 @@ except Exception as e:
     sys.exit(3)
 x = torch.ones(1)
 dist.all_reduce(x, group=grid.group("dp"))
-autopar.destroy()
 print("INIT OK", x.item(), flush=True)
+if grid.rank == {sleeper}:
+    time.sleep({timeout} + 2)  # stuck in compute past the timeout
+t = time.monotonic()
+try:
+    dist.all_reduce(x, group=grid.group("dp"))
+except RuntimeError as e:
+    print(f"HANG {{time.monotonic() - t:.2f}}", type(e).__name__, str(e), flush=True)
 """
 
 
-def _launch(port: int, world: int) -> list[tuple[int, str]]:
+def _launch(port: int, world: int, sleeper: int = -1) -> list[tuple[int, str]]:
     """``world`` plain processes, env:// style (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
     procs = []
     for r in range(world):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
         env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT.format(timeout=T)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT.format(timeout=T, sleeper=sleeper)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         # the limit covers imports on a loaded 2-core machine; torch's own client alone never ends
@@ -313,10 +319,18 @@ def test_port_in_use_ends_every_rank_within_the_timeout(holder: str) -> None:
                     in text and "The port may be in use by another process" in text), text
 
 
-def test_free_port_world_forms_through_autopars_store() -> None:
-    """The same plain launch on a free port: autopar's own store carries the rendezvous."""
+def test_plain_launch_on_a_free_port_forms_and_names_a_stuck_rank() -> None:
+    """The same plain launch on a free port: the world forms through autopar's own store (the
+    dp group is then the world group), and when rank 1 'computes' past the timeout, rank 0's
+    error names it within the timeout."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for r, (rc, text) in enumerate(_launch(port, 2)):
-        assert rc == 0 and "INIT OK 2.0" in text, f"rank {r} (rc {rc}):\n{text}"
+    (rc0, text0), (rc1, text1) = _launch(port, 2, sleeper=1)
+    for r, (rc, text) in enumerate([(rc0, text0), (rc1, text1)]):
+        assert rc == 0 and "INIT OK 2.0" in text and "HANG " in text, f"rank {r} (rc {rc}):\n{text}"
+    elapsed = float(text0.split("HANG ")[1].split()[0])
+    print(f"plain launch: rank 0 named the stuck rank {elapsed:.2f} s after entering (timeout {T} s)")
+    assert elapsed < T + 3, text0
+    assert "CollectiveHangError" in text0 and "rank 1 is behind: it reached only #1 on group world[0,1]" in text0 \
+        and "stuck in compute" in text0, text0
