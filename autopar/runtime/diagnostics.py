@@ -190,7 +190,10 @@ def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def collective(*args: Any, **kwargs: Any) -> Any:
         rec = _rec
-        if rec is None or rec.tls.depth:
+        # Under torch.compile the original is traced (Dynamo maps it to a functional
+        # collective); the recorder's Python would only add graph breaks, so compiled
+        # collectives go unrecorded.
+        if torch.compiler.is_compiling() or rec is None or rec.tls.depth:
             return fn(*args, **kwargs)
         group = kwargs.get("group", args[g_at] if g_at is not None and len(args) > g_at else None)
         peer = kwargs.get(peer_name, args[p_at] if p_at is not None and len(args) > p_at else None) \
