@@ -291,7 +291,8 @@ def plan_experts(live: Live, min_numel: int = 0) -> ExpertsPlan:
             continue
         why = why_whole(module, live, sizes, min_numel)
         if why:
-            plan.whole.append(f"{module!r}: {why}")
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in module._parameters.items() if p is not None)
+            plan.whole.append(f"{type(module).__name__} ({shapes}): {why}")
         else:
             plan.shard.append(module)
     return plan
