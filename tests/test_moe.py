@@ -276,7 +276,8 @@ def raise_strict() -> None:
 
 
 def train_and_reshard(folder: str) -> dict | None:
-    """Step 0 on x2 x z2, saved (checkpoint and HF folder); steps 1-2 on x2 x y2 after loading."""
+    """Step 0 on x2 x z2, saved (checkpoint and HF folder); steps 1-2 on x2 x y2 after loading;
+    the HF folder read back by ``autopar.from_pretrained`` (each rank reads its slices) on both."""
     batches = [_batch(s) for s in range(STEPS)]
     autopar.init(x=2, z=2)
     engine = autopar.parallelize(_build("mixtral", torch.float64, "eager", parallel=True), optimizer=_Recording,
@@ -285,6 +286,8 @@ def train_and_reshard(folder: str) -> dict | None:
     autopar.save_checkpoint(engine, f"{folder}/ckpt")
     autopar.save_pretrained(engine, f"{folder}/hf")
     saved = autopar.full_state_dict(engine)
+    depth = autopar.full_state_dict(autopar.from_pretrained(transformers.MixtralForCausalLM, f"{folder}/hf",
+                                                            dtype=torch.float64))
     autopar.destroy()
     autopar.init(x=2, y=2)
     engine = autopar.parallelize(_build("mixtral", torch.float64, "eager", parallel=True), optimizer=_Recording,
@@ -293,15 +296,19 @@ def train_and_reshard(folder: str) -> dict | None:
     loaded = autopar.full_state_dict(engine)
     losses += [engine.step(autopar.shard_batch(b)) for b in batches[1:]]
     final = autopar.full_state_dict(engine)
+    pretrained = autopar.full_state_dict(autopar.from_pretrained(transformers.MixtralForCausalLM, f"{folder}/hf",
+                                                                 dtype=torch.float64))
     if engine.grid.rank != 0:
         return None
-    return {"saved": saved, "loaded": loaded, "losses": losses, "final": final}
+    return {"saved": saved, "loaded": loaded, "losses": losses, "final": final, "pretrained": (depth, pretrained)}
 
 
 def test_checkpoint_reshards_experts(pool4, tmp_path):
     got = pool4.run(train_and_reshard, str(tmp_path))[0]
     for key, v in got["saved"].items():
         assert torch.equal(got["loaded"][key], v), f"{key} changed through the checkpoint"
+        for grid, read in zip(("x2z2", "x2y2"), got["pretrained"]):
+            assert torch.equal(read[key], v), f"{key} changed through save_pretrained + from_pretrained on {grid}"
     hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).state_dict()
     for key, v in got["saved"].items():
         assert torch.equal(hf[key], v), f"{key}: the HF folder differs from full_state_dict"
