@@ -28,7 +28,30 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_offload": "CPU offload vs torch's fused AdamW",
     "bench_composition": "The 5D composition: memory and communication per rank",
     "bench_overhead": "One device: a 1x1x1 grid against plain PyTorch",
+    "bench_pipeline_memory": "Peak memory per rank (pp and z)",
+    "bench_setup": "Group set-up at scale (issue 16.1)",
 }
+
+
+# Sections written by scripts this runner does not run (they need hardware it cannot assume).
+OTHER_SECTIONS = ("One GPU: `bench/gpu_check.py`",)
+
+
+def kept_sections(report: Path, rerun: set[str]) -> list[str]:
+    """The blocks of an existing report that this run does not produce again: other benchmarks'
+    (``--only``) and ``OTHER_SECTIONS`` (``bench/gpu_check.py``'s table from a GPU machine), so
+    regenerating never drops them. A block runs from its ``## `` title to the next title of a
+    capability or other section (the benchmarks' own output has ``## `` headings too)."""
+    if not report.exists():
+        return []
+    titles = set(CAPABILITIES.values()) | set(OTHER_SECTIONS)
+    blocks: list[tuple[str, list[str]]] = []
+    for line in report.read_text().splitlines():
+        if line.startswith("## ") and line[3:].strip() in titles:
+            blocks.append((line[3:].strip(), [line]))
+        elif blocks:
+            blocks[-1][1].append(line)
+    return ["\n".join(lines).rstrip() + "\n" for title, lines in blocks if title not in rerun]
 
 
 def machine() -> str:
@@ -72,6 +95,7 @@ def main() -> int:
         status = "" if code == 0 else f" **(exit code {code})**"
         sections.append(f"## {CAPABILITIES[stem]}\n\n`OMP_NUM_THREADS=1 python bench/{stem}.py` "
                         f"({seconds:.0f} s){status}\n\n```\n{out}\n```\n")
+    sections += kept_sections(args.out, {CAPABILITIES[stem] for stem in chosen})
     args.out.write_text("\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0

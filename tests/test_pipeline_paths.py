@@ -264,3 +264,24 @@ def test_forward_outputs_memory_and_posted_order(pool4):
     results = pool4.run(check_forward_outputs_and_memory)
     for r in results:  # each stage holds about half the weights, never the whole model
         assert r["held"] < 0.7 * r["full"], results
+
+
+def check_first_step_leaves_no_graph() -> list[str]:
+    """The first step traces the split with a real loss that never runs backward, under the
+    activation meter's saved-tensor hooks (memory_report). Nothing of that graph may outlive
+    the step: a saved output holding its own grad_fn through the hook would leak it for good."""
+    import gc
+
+    autopar.init(pp=2, dp=2)
+    try:
+        engine = autopar.parallelize(_llama(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), num_microbatches=2)
+        engine.step(autopar.shard_batch(_padded(0, 8)))
+        gc.collect()
+        return [f"{tuple(t.shape)} {type(t.grad_fn).__name__}" for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    finally:
+        autopar.destroy()
+
+
+def test_first_step_leaves_no_autograd_graph_alive(pool4):
+    assert pool4.run(check_first_step_leaves_no_graph) == [[]] * 4

@@ -74,7 +74,11 @@ class ActivationMeter:
             self.peak = max(self.peak, self._current)
         else:
             entry[0] += 1
-        return _Saved(self, key, tensor)
+        # Detached: an op that saves its own output (softmax, exp, tanh) would otherwise hold,
+        # through this object, a tensor whose grad_fn holds this object, a cycle through C++
+        # that Python's GC cannot see; a graph that never runs backward (the pipeline's traced
+        # loss) then leaked with every tensor it saved.
+        return _Saved(self, key, tensor.detach())
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
