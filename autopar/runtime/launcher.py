@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Mapping
@@ -166,7 +167,7 @@ def connect_store(addr: str, port: int, rank: int, world_size: int, timeout: tim
     answers (another service, or a stale job) leaves the other ranks' client blocked in its
     handshake forever, past any timeout. The client is built on a helper thread (the
     constructor releases the GIL) and abandoned at the deadline; the process can still exit, as
-    the thread is a daemon.
+    the thread is a daemon blocked in a read.
     """
     import torch.distributed as dist
 
@@ -181,6 +182,18 @@ def connect_store(addr: str, port: int, rank: int, world_size: int, timeout: tim
                 f"rank 0 cannot serve the rendezvous store on {addr}:{port}: the port is already in "
                 f"use by another process (EADDRINUSE); set MASTER_PORT to a free port, or end the "
                 f"process that holds it") from e
+    # First a plain connect, retried to the deadline: a refused port (bound, not listening)
+    # never reaches torch's client, whose retries outlast the timeout and whose thread, if
+    # abandoned mid-retry, aborts the process at exit.
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))).close()
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(_unreachable(rank, addr, port, timeout, f"{type(e).__name__}: {e}")) from e
+            time.sleep(0.1)
     box: list[Any] = []
 
     def attempt() -> None:
@@ -191,13 +204,16 @@ def connect_store(addr: str, port: int, rank: int, world_size: int, timeout: tim
 
     helper = threading.Thread(target=attempt, name="autopar-store-connect", daemon=True)
     helper.start()
-    helper.join(timeout.total_seconds())
+    helper.join(max(0.0, deadline - time.monotonic()))
     if box and not isinstance(box[0], BaseException):
         return box[0]
-    cause = f"{type(box[0]).__name__}: {str(box[0]).splitlines()[0]}" if box else "no answer"
-    raise RuntimeError(
-        f"rank {rank}: rank 0's rendezvous store at {addr}:{port} was not reachable within "
-        f"{timeout.total_seconds():g} s ({cause}). The port may be in use by another process "
-        f"(rank 0 then fails with EADDRINUSE), or rank 0 has not started or cannot be reached "
-        f"from this host; check rank 0's log and MASTER_ADDR/MASTER_PORT") from (
-            box[0] if box else None)
+    cause = f"{type(box[0]).__name__}: {str(box[0]).splitlines()[0]}" if box else \
+        "it accepted the connection but never answered"
+    raise RuntimeError(_unreachable(rank, addr, port, timeout, cause)) from (box[0] if box else None)
+
+
+def _unreachable(rank: int, addr: str, port: int, timeout: timedelta, cause: str) -> str:
+    return (f"rank {rank}: rank 0's rendezvous store at {addr}:{port} was not reachable within "
+            f"{timeout.total_seconds():g} s ({cause}). The port may be in use by another process "
+            f"(rank 0 then fails with EADDRINUSE), or rank 0 has not started or cannot be reached "
+            f"from this host; check rank 0's log and MASTER_ADDR/MASTER_PORT")
