@@ -4,6 +4,7 @@ training, ``plan`` memory and communication for a model and world size.
     autopar run -n 8 --grid pp=2,x=2 train.py --steps 100
     autopar check --model llama --grid x=2,y=2,z=2
     autopar plan --model gpt2 --world 8
+    autopar plan --dry-run --model llama --world 16384 --grid pp=8,x=2,y=2,z=2
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import shlex
 
 from ..runtime.state import parse_grid
-from . import check, plan
+from . import check, dry_run, plan
 from .launch import LAUNCHERS, Job, launch
 
 
@@ -53,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     pln = sub.add_parser("plan", help="predicted memory and communication per rank (shape only)")
     plan.add_arguments(pln)
     pln.add_argument("--grid", type=_grid, default={}, help="one grid, e.g. pp=2,x=2 (default: rank them all)")
+    dry_run.add_arguments(pln)
     return p
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "plan":
-            return plan.main(args)
+            return dry_run.main(args) if args.dry_run else plan.main(args)
         if args.command == "run":
             return launch(_job(args, [args.script, *args.args]), dry_run=args.dry_run)
         return launch(_job(args, ["-m", "autopar.cli.check", *_check_argv(args)]), dry_run=args.dry_run)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
+from typing import Collection
 
 import torch
 from torch import nn
@@ -65,17 +67,23 @@ def _seq_len(config: object, requested: int | None) -> int:
     return min(1024, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024))
 
 
-def shape_of(model: nn.Module, seq_len: int | None) -> Shape:
+def shape_of(model: nn.Module, seq_len: int | None, held: Collection[str] | None = None) -> Shape:
+    """The shapes ``predict`` counts, of the whole model or, with ``held`` (qualified parameter
+    names), of the part one pipeline stage holds: ``autopar plan --dry-run`` takes those names
+    from the real split and checks its real shards against this count."""
     from transformers.pytorch_utils import Conv1D
 
     block_names = find_blocks(model)
     block_prefixes = tuple(f"{n}." for n in block_names)
     blocks = sum(len(model.get_submodule(n)) for n in block_names)
+    if held is not None:  # the stage's blocks: those it holds a parameter of
+        blocks = sum(any(p.startswith(f"{n}.{i}.") for p in held)
+                     for n in block_names for i in range(len(model.get_submodule(n))))
     layers, other, other_blocks, seen, owner = [], 0, 0, set(), None
     for name, module in model.named_modules():
         in_block = name.startswith(block_prefixes)
         for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
+            if id(p) in seen or held is not None and f"{name}.{pname}".lstrip(".") not in held:
                 continue
             seen.add(id(p))
             parallel = type(module) in (nn.Linear, nn.Embedding, Conv1D)
@@ -93,16 +101,21 @@ def shape_of(model: nn.Module, seq_len: int | None) -> Shape:
                  getattr(cfg, "num_attention_heads", None), _seq_len(cfg, seq_len))
 
 
-def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches: int) -> dict[str, float]:
-    """Bytes per rank (the busiest stage): memory by kind and communication by axis."""
+def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches: int,
+            stage: int | None = None) -> dict[str, float]:
+    """Bytes per rank: memory by kind and communication by axis. By default for the busiest
+    stage of an even split; with ``stage``, ``shape`` is what pipeline stage ``stage`` holds
+    (``shape_of(..., held=...)``), every part of it counted whole, and the 1F1B microbatches in
+    flight and the pp sends are that stage's."""
     pp, dp, z, y, x = (sizes[a] for a in ("pp", "dp", "z", "y", "x"))
     tp = {"x": x, "y": y, "z": z}
     tokens = global_batch * shape.seq_len / (dp * z)       # this rank's tokens per step
-    stage = min(pp, 2)  # embeddings and heads sit on the first and last stage
+    ends = min(pp, 2) if stage is None else 1  # embeddings and heads sit on the first and last stage
+    blocks = pp if stage is None else 1
     held = {"sharded": 0.0, "replicated": 0.0}
     comm = dict.fromkeys(("x/y", "z", "dp", "pp"), 0.0)
     for layer in shape.layers:
-        share = 1 / pp if layer.in_block else 1 / stage
+        share = 1 / blocks if layer.in_block else 1 / ends
         spec = linear_weight_spec((layer.out_features, layer.in_features), tp)
         if not divisible(spec.full_shape, spec.dim_axes, tp):
             held["replicated"] += (layer.out_features * layer.in_features + layer.bias) * share
@@ -114,16 +127,17 @@ def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches
         t = tokens * share
         comm["x/y"] += t * (2 * (x - 1) / x * layer.out_features / y + (y - 1) / y * layer.out_features
                             + 2 * (y - 1) / y * layer.in_features / x + (x - 1) / x * layer.in_features)
-    held["replicated"] += shape.other_in_blocks / pp + (shape.other_params - shape.other_in_blocks) / stage
+    held["replicated"] += shape.other_in_blocks / blocks + (shape.other_params - shape.other_in_blocks) / ends
     comm["dp"] = 2 * (dp - 1) / dp * held["sharded"] + 2 * (dp * z - 1) / (dp * z) * held["replicated"]
-    if pp > 1 and shape.hidden:
-        comm["pp"] = 2 * tokens * shape.hidden
+    if pp > 1 and shape.hidden:  # a middle stage sends both ways, an end stage one way
+        comm["pp"] = (2 if stage is None or 0 < stage < pp - 1 else 1) * tokens * shape.hidden
     params = held["sharded"] + held["replicated"]
     act = 0.0
     if shape.hidden and shape.heads:
         s, h, a = shape.seq_len, shape.hidden, shape.heads
-        in_flight = min(pp, microbatches) / microbatches  # 1F1B: the first stage holds pp microbatches
-        act = shape.blocks / pp * tokens * in_flight * h * (68 + 10 * a * s / h)
+        # 1F1B: stage s holds pp - s microbatches at its peak (the first stage pp)
+        in_flight = min(pp - (stage or 0), microbatches) / microbatches
+        act = shape.blocks / blocks * tokens * in_flight * h * (68 + 10 * a * s / h)
     return {"params": params, "weights": 4 * params, "grads": 4 * params, "adamw": 8 * params,
             "activations": act, **{f"comm {k}": 4 * v for k, v in comm.items()}}
 
@@ -140,8 +154,9 @@ def candidate_grids(world: int, blocks: int) -> list[dict[str, int]]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--model", default="gpt2", choices=models.FAMILIES,
-                      help="the family's default (full-size) transformers config")
+    what.add_argument("--model", default="gpt2", help=f"a family, {', '.join(models.FAMILIES)}: its default "
+                      "(full-size) transformers config (llama's is Llama-7B-shaped); or a Hugging Face "
+                      "config.json, or a folder holding one")
     what.add_argument("--factory", metavar="MODULE:FUNCTION", help="FUNCTION() returns your model (built on meta)")
     p.add_argument("--world", type=int, required=True, help="ranks in the job")
     p.add_argument("--global-batch", type=int, default=8, help="sequences (samples) per step, all ranks")
@@ -150,15 +165,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="grids shown when ranking")
 
 
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The model ``args`` name (``--factory``, a family or a config), built in the caller's
+    context: ``plan`` builds it on meta, ``plan --dry-run`` on meta under ``auto_parallelize``."""
+    if args.factory:
+        made = models.load_factory(args.factory)()
+        return made[0] if isinstance(made, tuple) else made
+    if args.model in models.FAMILIES:
+        return models.build(args.model, tiny=False)
+    if not os.path.exists(args.model):
+        raise ValueError(f"--model {args.model!r} is neither a family ({', '.join(models.FAMILIES)}) nor a "
+                         "Hugging Face config.json or a folder holding one")
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(args.model)
+    names = [n for n in getattr(config, "architectures", None) or () if hasattr(tf, n)]
+    return getattr(tf, names[0])(config) if names else tf.AutoModelForCausalLM.from_config(config)
+
+
 def main(args: argparse.Namespace) -> int:
     """Print the table for ``args`` (``args.grid``: one grid, or empty to rank them all)."""
     grid = args.grid
     with torch.device("meta"):
-        if args.factory:
-            made = models.load_factory(args.factory)()
-            model = made[0] if isinstance(made, tuple) else made
-        else:
-            model = models.build(args.model, tiny=False)
+        model = build_model(args)
     shape = shape_of(model, args.seq_len)
     grids = [resolve_sizes(args.world, **grid)] if grid else candidate_grids(args.world, shape.blocks)
     rows = []
