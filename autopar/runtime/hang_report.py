@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("autopar")
 
 KEY = "autopar/diag/{rank}"
+LAST_SHOWN = 3  # a laggard's newest collectives quoted in the report
 MAX_RANKS_READ = 256  # a report reads at most this many peers' records (one store get each)
 P2P_OPS = frozenset({"send", "recv", "isend", "irecv", "batch_isend_irecv"})
 
@@ -109,6 +110,9 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
         if reached < seq:
             lines.append(f"  rank {r} is behind: it reached only #{reached} on group {label} and "
                          f"{_position(other, now, rec.interval)}")
+            lines.append("    its last collectives, newest last: " + "; ".join(
+                f"{describe(e)} {e['state']}" + (f" at {e['where']}" if e.get("where") else "")
+                for e in other["entries"][-LAST_SHOWN:]))
         elif mine and mine[0]["state"] != DONE and mine[0]["op"] == entry[OP] and \
                 mine[0]["shapes"] == shapes:
             if mine[0]["state"] == FAILED:
@@ -121,7 +125,7 @@ def build_report(rec: _Recorder, entry: list[Any] | None) -> str:
         else:
             lines.append(f"  rank {r} got past #{seq} on group {label} and {_position(other, now, rec.interval)}")
         if other.get("closed") and len(lines) > before:
-            lines[-1] += "; it has since left autopar (destroy ran)"
+            lines[before] += "; it has since left autopar (destroy ran)"
     lines.insert(1, f"  rank{'s' if len(waiting) > 1 else ''} {','.join(map(str, sorted(waiting)))} "
                     f"{'are' if len(waiting) > 1 else 'is'} waiting in {describe(entry)}")
     report = "\n".join(lines)
