@@ -5,13 +5,13 @@ count and against ``memory_report``."""
 from __future__ import annotations
 
 import time
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from autopar.cli import main
-from autopar.cli import models, plan
+from autopar.cli import main, models
 from autopar.cli.dry_run import RankFigures, dry_run_rank
 from autopar.intra_layer.layout import bias_spec, divisible, linear_weight_spec
 from autopar.runtime.grid import resolve_sizes
@@ -124,3 +124,13 @@ def test_bad_grids_give_clear_errors(capsys, argv: list[str], message: str) -> N
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not dist.is_initialized()
+
+
+def test_a_hugging_face_config_folder_on_pp_1(tmp_path, capsys) -> None:
+    _tiny_llama().config.save_pretrained(tmp_path)
+    assert main(["plan", "--dry-run", "--model", str(tmp_path), "--world", "16", "--grid", "x=2,y=2,z=2",
+                 "--global-batch", "16", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| 0 |", "| 15 |"))]
+    assert [r[2] for r in rows] == ["all (pp=1)"] * 2, out
+    assert rows[0][3] == rows[1][3] and rows[0][13:16] == ["=", "=", "params =, grads 0 until a step"], out

@@ -6,7 +6,8 @@ chosen rank (default: rank 0 and the last rank, i.e. the first and last pipeline
 
 * the world is torch's ``fake`` backend (every collective returns at once) over an in-process
   ``HashStore`` (autopar's diagnostics publish to the store, which ``FakeStore`` refuses), and
-  ``autopar.init`` lays the grid over it with the real ``build_groups``: set-up time and the
+  ``autopar.init`` lays the grid over it with the real ``build_groups``, as on a world made
+  before ``init`` (so the all-ranks group is a ``new_group`` too): set-up time and the
   ``new_group`` calls it made are reported;
 * the model is built under ``torch.device("meta")`` and ``auto_parallelize``, so every shard has
   exactly the shape the real run gives it, and layers that stay whole are the real run's;
@@ -41,6 +42,7 @@ from ..engine import parallelize
 from ..intra_layer.auto import auto_parallelize, plan as layer_plan
 from ..intra_layer.layers import ShardedModule, spec_of
 from ..offload.memory import MemoryReport, memory_report
+from ..pipeline import UntraceableModel
 from ..runtime import state
 from ..runtime.grid import AXES, coords_of, resolve_sizes
 from . import models, plan
@@ -216,14 +218,15 @@ def format_run(title: str, sizes: dict[str, int], figures: list[RankFigures], ze
         "",
         "* plan's estimates over this rank's own stage (activations: Korthikanti et al.; comm: bytes sent). "
         "Everything else is what the real set-up holds: shards from auto_parallelize on meta, "
-        + ("the stage from the traced cost-balanced split (pipeline.split, place_units), "
-           if sizes["pp"] > 1 else "")
+        + ("the stage from the traced cost-balanced split (pipeline.split, place_units; it cannot trace meta "
+           "tensors, so it ran on zero-stride CPU stand-ins of the same shapes), " if sizes["pp"] > 1 else "")
         + "gradients as the engine's buckets hold them at the end of backward (`held_grad_bytes`), AdamW as "
         "2 fp32 moments of what the optimizer steps. memory_report reads gradients (without ZeRO) and "
         "optimizer state at a step, so before one it shows 0 for them.",
         "vs plan: held parameters against plan's count of the same stage, and against plan's even-split "
         "estimate of the busiest stage. groups: new_group calls at set-up (every rank makes the same), "
-        "in brackets the distinct groups this rank is in.",
+        "in brackets the distinct groups this rank is in; autopar.init joins the fake world as a world "
+        "made before it, so the all-ranks group is one call more than in a job whose world autopar makes.",
     ]
     for f in figures:
         timing = f"rank {f.rank}: model built on meta in {f.build_s:.2f} s, parallelize {f.parallelize_s:.2f} s"
@@ -241,8 +244,12 @@ def main(args: argparse.Namespace) -> int:
     if outside:
         raise ValueError(f"--ranks {outside}: a world of {args.world} ranks has ranks 0..{args.world - 1}")
     microbatches = args.microbatches or sizes["pp"]
-    figures = [dry_run_rank(args.world, sizes, r, lambda: plan.build_model(args), global_batch=args.global_batch,
-                            seq_len=args.seq_len, microbatches=microbatches, zero=args.zero) for r in ranks]
+    try:
+        figures = [dry_run_rank(args.world, sizes, r, lambda: plan.build_model(args), global_batch=args.global_batch,
+                                seq_len=args.seq_len, microbatches=microbatches, zero=args.zero) for r in ranks]
+    except UntraceableModel as e:  # the CLI reports ValueErrors as one line
+        raise ValueError(f"the pipeline split cannot trace this model, so the dry run cannot place rank stages: {e}. "
+                         "`autopar plan` without --dry-run gives the even-split estimate") from e
     title = (f"{args.factory or args.model}: global batch {args.global_batch} x "
              f"{figures[0].seq_len} tokens, {microbatches} microbatches")
     print(format_run(title, sizes, figures, args.zero))
