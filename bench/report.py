@@ -33,8 +33,8 @@ CAPABILITIES = {  # bench script stem -> section title
 }
 
 
-# Sections written by scripts this runner does not run (they need hardware it cannot assume).
-OTHER_SECTIONS = ("One GPU: `bench/gpu_check.py`",)
+# Sections written by commands this runner does not run (hardware it cannot assume; `autopar plan --dry-run`).
+OTHER_SECTIONS = ("One GPU: `bench/gpu_check.py`", "Dry run at cluster size (issue 16.2)")
 
 
 def kept_sections(report: Path, rerun: set[str]) -> list[str]:
