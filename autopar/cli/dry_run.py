@@ -108,7 +108,10 @@ def _stand_ins(model: nn.Module) -> None:
 
 def _whole(model: nn.Module, sizes: dict[str, int]) -> list[str]:
     """The parallel layers ``auto_parallelize`` left whole, by name, with ``plan``'s reason (a
-    layer that plans a layout yet stays whole was untied from one with another layout)."""
+    layer that plans a layout yet stays whole was untied from one with another layout). None on
+    x = y = z = 1, where no layer is sharded."""
+    if set(sizes.values()) == {1}:
+        return []
     found = []
     for name, module in model.named_modules():
         if isinstance(module, ShardedModule) and "weight" in module._parameters and spec_of(module.weight) is None:
