@@ -134,3 +134,28 @@ def test_a_hugging_face_config_folder_on_pp_1(tmp_path, capsys) -> None:
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| 0 |", "| 15 |"))]
     assert [r[2] for r in rows] == ["all (pp=1)"] * 2, out
     assert rows[0][3] == rows[1][3] and rows[0][13:16] == ["=", "=", "params =, grads 0 until a step"], out
+
+
+def _real_rank_holds() -> tuple[list[str], int, int, int, int]:
+    """One rank of a real 8-rank gloo run on pp=2 x x=2 x y=2: what it holds after parallelize."""
+    import autopar
+    from autopar.offload.memory import memory_report
+
+    autopar.init(pp=2, x=2, y=2)
+    with autopar.auto_parallelize():
+        model = _tiny_llama()
+    engine = autopar.parallelize(model, optimizer=lambda params: torch.optim.AdamW(params), num_microbatches=2,
+                                 sample_batch=models.make_batch(model, 2, seq=32))
+    ids = {id(p) for p in engine.params}
+    return ([n for n, p in model.named_parameters() if id(p) in ids], sum(p.numel() for p in engine.params),
+            memory_report(engine).on_device["parameters"], engine.dp.held_grad_bytes(),
+            8 * sum(p.numel() for p in engine.dp.optimizer_params))
+
+
+def test_world_8_equals_a_real_8_rank_run(pool8) -> None:
+    """The same figures from 8 real gloo processes (real tensors, real split) for ranks 0 and 7."""
+    real = pool8.run(_real_rank_holds)
+    sizes = resolve_sizes(8, pp=2, x=2, y=2)
+    for rank in (0, 7):
+        f = dry_run_rank(8, sizes, rank, _tiny_llama, global_batch=8, seq_len=32, microbatches=2, zero=0)
+        assert (f.held, f.params, f.report.on_device["parameters"], f.grads, f.adamw) == tuple(real[rank])
