@@ -62,6 +62,13 @@ def _call_model_without_labels(model: nn.Module, batch: Any) -> Any:
     return _call_model(model, {k: v for k, v in batch.items() if k != "labels"})
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule``), else ``model``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else model
+
+
 class Engine:
     """Owns the (parallelised) model and its optimizer; ``step`` is one full training step."""
 
@@ -71,11 +78,17 @@ class Engine:
                  split_points: Sequence[str] | None = None,
                  recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
                  zero: int = 0, precision: str = "fp32", sample_batch: Any = None,
-                 loss_items: ItemCounter | None = None) -> None:
+                 loss_items: ItemCounter | None = None, vocab_parallel_loss: bool | None = None) -> None:
         self.grid = current_grid()
+        pipelined = self.grid.sizes["pp"] > 1
+        # A torch.compile'd model: state, names and checkpoints are the module's own (no
+        # "_orig_mod." prefix); calls go through the compiled wrapper.
+        self._callee, model = model, _uncompiled(model)
+        if pipelined and self._callee is not model:
+            raise ValueError("torch.compile(model) with pp > 1: the pipeline splits the module itself; "
+                             "pass the uncompiled model (compiling each stage is not supported yet)")
         remember_aliases(model)  # checkpoints name tied weights as the serial model does
         self.model = model
-        pipelined = self.grid.sizes["pp"] > 1
         # One switch, two mechanisms: with pp > 1 the pipeline recomputes whole stages (it owns
         # the block boundaries); with pp = 1 the chosen modules are wrapped in place.
         if pipelined and (callable(recompute) or isinstance(recompute, nn.Module)):
@@ -100,7 +113,7 @@ class Engine:
         self.loss_weights = LossWeights(loss_items, self.grid)
         # An HF causal LM whose head cuts the vocabulary over y: loss on the shards, logits
         # never gathered (``intra_layer.vocab_loss``).
-        self.vocab_head = vocab_parallel_head(model) if loss_fn is None else None
+        self.vocab_head = vocab_parallel_head(model, vocab_parallel_loss, custom_loss=loss_fn is not None)
         if self.vocab_head is not None:
             self.vocab_head.out_sharded = True
             if self.grid.rank == 0:
@@ -201,11 +214,24 @@ class Engine:
         total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
         with self.dp.no_sync() if self._no_sync_depth else contextlib.nullcontext():
             for i, micro in enumerate(micros):
-                loss = scale(self._forward_loss(self._call(self.model, micro), micro), i)
+                loss = scale(self._forward_loss(self._run_model(micro), micro), i)
                 self._set_sync(i == len(micros) - 1)  # only the last backward reduces
                 loss.backward()
                 total += loss.detach().double()
         return total
+
+    def _run_model(self, batch: Any) -> Any:
+        """One model call (pp = 1). While the first forward may still re-lay out layers
+        (``intra_layer.autochain``), it runs eagerly even under ``torch.compile``: the detection
+        observes it through global hooks and a ``TorchFunctionMode`` that Dynamo cannot trace.
+        Later calls are compiled, in the final layout."""
+        if self._layout_pending and layout_pending(self.model):
+            # Every compile directive ignored for this call (torch.compiler.disable does not
+            # reach into a compiled module's own call, nor into compiled submodules), without
+            # marking any frame as never to compile; the module itself is observed.
+            with torch.compiler.set_stance("force_eager"):
+                return self._call(self.model, batch)
+        return self._call(self._callee, batch)
 
     @torch.no_grad()
     def eval_step(self, batch: Any) -> float:
@@ -221,7 +247,7 @@ class Engine:
             else:
                 total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
                 for i, micro in enumerate(micros):
-                    total += scale(self._forward_loss(self._call(self.model, micro), micro), i).double()
+                    total += scale(self._forward_loss(self._run_model(micro), micro), i).double()
         finally:
             self.model.train(was_training)
         return self._global_loss(total)
@@ -236,7 +262,7 @@ class Engine:
         try:
             batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
             if self.pipeline is None:
-                return self._full_logits(self._call(self.model, batch), batch)
+                return self._full_logits(self._run_model(batch), batch)
             outputs = self.pipeline.run([batch], lambda loss, i: loss, mode="output")
         finally:
             self.model.train(was_training)
@@ -252,7 +278,7 @@ class Engine:
         (when the batch has labels) and the logits gathered over y."""
         if self.vocab_head is None:
             return output
-        if isinstance(batch, dict) and "labels" in batch:
+        if self.loss_fn is None and isinstance(batch, dict) and "labels" in batch:
             output.loss = vocab_causal_lm_loss(output, batch, self.vocab_head)
         output.logits = gather_last(output.logits, self.grid, "y")
         return output
@@ -332,7 +358,7 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
                 virtual_stages: int = 1, split_points: Sequence[str] | None = None,
                 recompute: RecomputePolicy | Sequence[int] = False, bucket_mb: float = 25.0,
                 zero: int = 0, precision: str = "fp32", sample_batch: Any = None,
-                loss_items: ItemCounter | None = None) -> Engine:
+                loss_items: ItemCounter | None = None, vocab_parallel_loss: bool | None = None) -> Engine:
     """Wrap ``model`` for training on the current grid.
 
     ``optimizer`` is a factory called with this rank's parameters (they may be shards).
@@ -357,6 +383,10 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     ``loss_items(batch) -> Tensor``: with a custom ``loss_fn`` that averages over items (tokens),
     how many this batch holds, so the loss is normalised over the global batch exactly as the
     serial loss is (``autopar.runtime.loss_weights``; HF labels are counted without it).
+    ``vocab_parallel_loss``: None takes an HF causal LM's loss on the vocabulary shards of an LM
+    head cut over y (no logits all-gather) unless the head is float64 or a ``loss_fn`` is given;
+    True insists (the ``loss_fn`` then gets shards and calls ``autopar.vocab_parallel_cross_entropy``);
+    False keeps the gathered logits (``autopar.intra_layer.vocab_loss``).
     """
     grid = current_grid()
     if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
@@ -378,4 +408,4 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
                   offload=offload, loss_fn=loss_fn, clip_grad_norm=clip_grad_norm,
                   virtual_stages=virtual_stages, split_points=split_points,
                   recompute=recompute, bucket_mb=bucket_mb, zero=zero, precision=precision,
-                  sample_batch=sample_batch, loss_items=loss_items)
+                  sample_batch=sample_batch, loss_items=loss_items, vocab_parallel_loss=vocab_parallel_loss)

@@ -203,6 +203,7 @@ def test_automatic_sharded_layout_equals_serial(pool8):
     mlp = {"1": "out", "3": "in"}  # Linear -> GELU -> Linear; 3 -> Tanh -> 5 is left: 3 is taken
     llama = {f"model.layers.{i}.mlp.{p}": r for i in range(2)
              for p, r in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in"))}  # not q/k/v -> o
+    llama["lm_head"] = "out"  # not a chain: y = 2 gives the loss its vocabulary shards (vocab_loss)
     assert found == [mlp, mlp, llama, llama, {}, {}]
     assert len(logs) == 4 and "model.layers.0.mlp.gate_proj + model.layers.0.mlp.up_proj -> " \
                                 "model.layers.0.mlp.down_proj" in logs[2]

@@ -272,13 +272,17 @@ def check_first_step_leaves_no_graph() -> list[str]:
     the step: a saved output holding its own grad_fn through the hook would leak it for good."""
     import gc
 
+    def graphs() -> dict[int, str]:
+        gc.collect()
+        return {id(t): f"{tuple(t.shape)} {type(t.grad_fn).__name__}" for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+
+    before = graphs()  # what earlier tests of this worker may have left is not this step's
     autopar.init(pp=2, dp=2)
     try:
         engine = autopar.parallelize(_llama(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), num_microbatches=2)
         engine.step(autopar.shard_batch(_padded(0, 8)))
-        gc.collect()
-        return [f"{tuple(t.shape)} {type(t.grad_fn).__name__}" for t in gc.get_objects()
-                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        return [d for i, d in graphs().items() if i not in before]
     finally:
         autopar.destroy()
 

@@ -92,7 +92,20 @@ def _fp64_loss(output: Any, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
 
 
-def engine_matches_serial(name: str, grid: dict, dtype: torch.dtype) -> dict:
+def _items(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def _custom_shard_loss(model: nn.Module) -> Any:
+    """A user's own loss on the shards the head returns under vocab_parallel_loss=True."""
+    head = model.get_output_embeddings()
+
+    def loss_fn(output: Any, batch: dict) -> torch.Tensor:
+        return autopar.vocab_parallel_cross_entropy(output.logits[:, :-1], batch["labels"][:, 1:], head)
+    return loss_fn
+
+
+def engine_matches_serial(name: str, grid: dict, dtype: torch.dtype, custom: bool) -> dict:
     from autopar.intra_layer.comm import COUNTER
 
     ser = _model(name, False).to(dtype)
@@ -113,10 +126,13 @@ def engine_matches_serial(name: str, grid: dict, dtype: torch.dtype) -> dict:
         autopar.init(**grid)
         try:
             model = _model(name, True).to(dtype)
-            # A loss_fn turns the vocabulary-parallel loss off: the same run with gathered logits.
+            # fp32: chosen by default; float64 must ask (HF's own loss rounds to fp32 there).
+            # False: the same run with gathered logits, for the bytes.
+            request = (None if dtype == torch.float32 else True) if vocab_parallel else False
             engine = autopar.parallelize(model, lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-6),
-                                         loss_fn=None if vocab_parallel else lambda o, b: o.loss,
-                                         num_microbatches=2)
+                                         vocab_parallel_loss=request, num_microbatches=2,
+                                         **(dict(loss_fn=_custom_shard_loss(model), loss_items=_items)
+                                            if custom and vocab_parallel else {}))
             assert (engine.vocab_head is not None) == vocab_parallel
             losses = []
             for step in range(3):
@@ -149,21 +165,45 @@ def engine_matches_serial(name: str, grid: dict, dtype: torch.dtype) -> dict:
             assert out.logits.shape == ref_out.logits.shape
             torch.testing.assert_close(out.logits, ref_out.logits, rtol=tol, atol=tol)
             ref_loss = ref_out.loss if dtype == torch.float32 else _fp64_loss(ref_out, mine)
-            torch.testing.assert_close(out.loss, ref_loss, rtol=tol, atol=tol)
+            if not custom:  # a loss_fn's loss is the user's business in forward
+                torch.testing.assert_close(out.loss, ref_loss, rtol=tol, atol=tol)
         result["worst"] = worst
     return result
 
 
-GRIDS = [
-    ("llama", dict(x=2, y=2), torch.float64),
-    ("gpt2", dict(x=2, y=2), torch.float64),
-    ("llama", dict(y=4), torch.float32),
-    ("gpt2", dict(pp=2, y=2, x=2), torch.float64),
+GRIDS = [  # (model, grid, dtype, custom loss_fn on the shards)
+    ("llama", dict(x=2, y=2), torch.float64, False),
+    ("gpt2", dict(x=2, y=2), torch.float64, True),
+    ("llama", dict(y=4), torch.float32, False),
+    ("gpt2", dict(pp=2, y=2, x=2), torch.float64, False),
 ]
 
 
-@pytest.mark.parametrize("name,grid,dtype", GRIDS)
-def test_engine_trains_on_vocabulary_shards(pool8, name, grid, dtype):
-    for result in pool8.run(engine_matches_serial, name, grid, dtype):
+@pytest.mark.parametrize("name,grid,dtype,custom", GRIDS)
+def test_engine_trains_on_vocabulary_shards(pool8, name, grid, dtype, custom):
+    for result in pool8.run(engine_matches_serial, name, grid, dtype, custom):
         # The only y all-gather that goes is the logits': this rank's tokens x V per step.
         assert result["gather-y-False"] - result["gather-y-True"] == result["expected"], result
+
+
+def refusals() -> list[str]:
+    messages = []
+    autopar.init(x=2)  # the vocabulary is not cut: nothing to take shards of
+    try:
+        with pytest.raises(ValueError) as info:
+            autopar.parallelize(_model("llama", True), lambda p: torch.optim.SGD(p, lr=0.1), vocab_parallel_loss=True)
+        messages.append(str(info.value))
+    finally:
+        autopar.destroy()
+    autopar.init(y=2)
+    try:  # float64 keeps HF's loss unless asked: HF rounds float64 logits to fp32 for it
+        engine = autopar.parallelize(_model("llama", True).double(), lambda p: torch.optim.SGD(p, lr=0.1))
+        assert engine.vocab_head is None
+    finally:
+        autopar.destroy()
+    return messages
+
+
+def test_vocab_parallel_loss_refuses_what_it_cannot_do(pool8):
+    messages = pool8.run(refusals)[0]
+    assert "needs an output embedding" in messages[0] and "vocabulary over y > 1" in messages[0]

@@ -20,11 +20,13 @@ The numbers are computed in ``float32`` or wider (``float64`` stays ``float64``)
 
 ``Engine`` uses this for Hugging Face causal LMs whose output embedding is a parallel layer cut
 over y > 1 (``vocab_parallel_head``): the head then returns its y shard (``out_sharded``) and the
-model is called without ``labels``. A custom ``loss_fn`` can use ``vocab_parallel_cross_entropy``
-on such a head's output itself.
+model is called without ``labels``. With ``parallelize(vocab_parallel_loss=True)`` a custom
+``loss_fn`` gets the shards and calls ``vocab_parallel_cross_entropy`` itself.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..runtime.grid import Grid
+from ..runtime.loss_weights import is_causal_lm
 from ..runtime.state import current_grid
 from .comm import COUNTER
 from .layers import Linear, feature_axes, spec_of
@@ -100,22 +103,60 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, head: nn.Module
     return per_token.sum() / (target != ignore_index).sum().clamp(min=1)
 
 
-def vocab_parallel_head(model: nn.Module) -> nn.Module | None:
-    """The output embedding of an HF causal LM, when it is a parallel layer whose vocabulary is
-    cut over y > 1 and the model's loss is HF's causal-LM cross-entropy; else None."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
+def sharded_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding when it is a parallel layer whose vocabulary is cut over
+    y > 1 (so it can return vocabulary shards); else None."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if not isinstance(head, Linear) or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+    if not isinstance(head, Linear) or head.in_sharded:
         return None
-    if getattr(getattr(model, "config", None), "output_router_logits", False):
-        return None  # an MoE's forward adds its router loss to HF's when given labels
     spec = spec_of(head.weight)
-    if spec is None or head.in_sharded:
+    if spec is None or feature_axes(spec, transposed=False)[0] != "y":
         return None
-    axis = feature_axes(spec, transposed=False)[0]
-    return head if axis == "y" and current_grid().size("y") > 1 else None
+    return head if current_grid().size("y") > 1 else None
+
+
+def hf_causal_loss(model: nn.Module) -> bool:
+    """Whether the model's own loss is HF's causal-LM cross-entropy, computed in its forward
+    from the logits alone (``self.loss_function``; BART's head adds a full-vocabulary bias and
+    its own loss, an MoE with ``output_router_logits`` adds its router loss)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if not is_causal_lm(model) or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return False
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        return False
+    return _calls_loss_function(type(model))
+
+
+def vocab_parallel_head(model: nn.Module, requested: bool | None, custom_loss: bool) -> nn.Module | None:
+    """The head whose shards the loss takes, per ``parallelize(vocab_parallel_loss=...)``:
+    ``None`` chooses it for HF causal LMs without a ``loss_fn`` whose head is not float64 (HF
+    rounds even float64 logits to fp32 for its loss, which only the gathered logits reproduce;
+    the shards are computed in the logits' dtype); ``True`` insists (a ``loss_fn`` then calls
+    ``vocab_parallel_cross_entropy`` itself) and ``False`` never."""
+    if requested is False:
+        return None
+    head = sharded_head(model)
+    if requested is None:
+        if custom_loss or head is None or head.weight.dtype == torch.float64 or not hf_causal_loss(model):
+            return None
+        return head
+    if head is None:
+        raise ValueError("vocab_parallel_loss=True needs an output embedding (get_output_embeddings()) that "
+                         "auto_parallelize sharded with its vocabulary over y > 1")
+    if not custom_loss and not hf_causal_loss(model):
+        raise ValueError(f"vocab_parallel_loss=True: {type(model).__name__}'s own loss is not HF's causal-LM "
+                         "cross-entropy; pass loss_fn calling autopar.vocab_parallel_cross_entropy")
+    return head
+
+
+@functools.cache
+def _calls_loss_function(cls: type) -> bool:
+    try:
+        return "self.loss_function(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (compiled, or built at run time): do not guess
+        return False
 
 
 def causal_lm_loss(output: Any, batch: dict, head: nn.Module) -> Tensor:

@@ -47,7 +47,7 @@ def _canon(axes: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [a for a in axes if a not in AXES]
     if unknown or not axes:
         raise ValueError(f"unknown grid axes {unknown or axes}; the axes are {AXES}")
-    return tuple(a for a in AXES if a in axes)
+    return tuple([a for a in AXES if a in axes])
 
 
 def resolve_sizes(world_size: int, pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1,
@@ -195,7 +195,10 @@ class Grid:
 
     def size(self, *axes: str) -> int:
         """Number of ranks spanned by ``axes`` (1 for no axes)."""
-        return math.prod(self.sizes[a] for a in (_canon(axes) if axes else ()))
+        n = 1
+        for a in _canon(axes) if axes else ():  # a loop: torch.compile traces it without a graph break
+            n *= self.sizes[a]
+        return n
 
     def index(self, *axes: str) -> int:
         """This rank's position inside ``group(*axes)``: its coordinates on ``axes`` as one

@@ -38,14 +38,14 @@ ItemCounter = Callable[[Any], torch.Tensor]
 Scale = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def _causal(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
     name = type(model).__name__
     return name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(model, "loss_type", None) == "ForCausalLM"
 
 
 def label_counter(model: nn.Module) -> ItemCounter:
     """Counts the labels an HF model's own loss averages over (``None`` without labels)."""
-    shifted = _causal(model)
+    shifted = is_causal_lm(model)
 
     def count(batch: Any) -> torch.Tensor | None:
         labels = batch.get("labels") if isinstance(batch, dict) else None
