@@ -65,13 +65,15 @@ def global_grad_norm(params: Iterable[torch.Tensor], grid: Grid) -> torch.Tensor
     summed over pipeline stages (each stage owns distinct parameters).
     """
     by_axes: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    dtype = torch.float32  # at least; float64 gradients keep float64, or clipping rounds them
     for p in params:
         if p.grad is not None and not is_norm_duplicate(p):
             by_axes.setdefault(shard_axes(p), []).append(p.grad)
-    total = torch.zeros((), device=grid.device, dtype=torch.float32)
+            dtype = torch.promote_types(dtype, p.grad.dtype)
+    total = torch.zeros((), device=grid.device, dtype=dtype)
     for axes in sorted(by_axes):
         grads = by_axes[axes]
-        sq = torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else total * 0
+        sq = torch.stack(torch._foreach_norm(grads)).to(dtype).square().sum() if grads else total * 0
         if axes and grid.size(*axes) > 1:
             dist.all_reduce(sq, group=grid.group(*axes))
         total = total + sq
