@@ -30,6 +30,7 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_overhead": "One device: a 1x1x1 grid against plain PyTorch",
     "bench_pipeline_memory": "Peak memory per rank (pp and z)",
     "bench_setup": "Group set-up at scale (issue 16.1)",
+    "bench_moe": "MoE expert sharding (issue 13.3)",
 }
 
 

@@ -144,7 +144,11 @@ def _scatter_block_grad(g: Tensor, grid: Grid, numel: int) -> Tensor:
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, while a dry run traces)
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def matmul_dtype(weight: Tensor) -> torch.dtype:
