@@ -114,6 +114,7 @@ def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches
     blocks = pp if stage is None else 1
     held = {"sharded": 0.0, "replicated": 0.0}
     comm = dict.fromkeys(("x/y", "z", "dp", "pp"), 0.0)
+    y_part = 0.0  # of comm["x/y"], what goes over y: the cost model puts x and y on their own links
     for layer in shape.layers:
         share = 1 / blocks if layer.in_block else 1 / ends
         spec = linear_weight_spec((layer.out_features, layer.in_features), tp)
@@ -125,8 +126,10 @@ def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches
         held["sharded"] += block / z * share
         comm["z"] += 2 * (z - 1) / z * block * microbatches * share
         t = tokens * share
-        comm["x/y"] += t * (2 * (x - 1) / x * layer.out_features / y + (y - 1) / y * layer.out_features
-                            + 2 * (y - 1) / y * layer.in_features / x + (x - 1) / x * layer.in_features)
+        over_x = t * (2 * (x - 1) / x * layer.out_features / y + (x - 1) / x * layer.in_features)
+        over_y = t * ((y - 1) / y * layer.out_features + 2 * (y - 1) / y * layer.in_features / x)
+        comm["x/y"] += over_x + over_y
+        y_part += over_y
     held["replicated"] += shape.other_in_blocks / blocks + (shape.other_params - shape.other_in_blocks) / ends
     comm["dp"] = 2 * (dp - 1) / dp * held["sharded"] + 2 * (dp * z - 1) / (dp * z) * held["replicated"]
     if pp > 1 and shape.hidden:  # a middle stage sends both ways, an end stage one way
@@ -139,7 +142,7 @@ def predict(shape: Shape, sizes: dict[str, int], global_batch: int, microbatches
         in_flight = min(pp - (stage or 0), microbatches) / microbatches
         act = shape.blocks / blocks * tokens * in_flight * h * (68 + 10 * a * s / h)
     return {"params": params, "weights": 4 * params, "grads": 4 * params, "adamw": 8 * params,
-            "activations": act, **{f"comm {k}": 4 * v for k, v in comm.items()}}
+            "activations": act, **{f"comm {k}": 4 * v for k, v in comm.items()}, "y part of x/y": 4 * y_part}
 
 
 def candidate_grids(world: int, blocks: int) -> list[dict[str, int]]:
@@ -163,6 +166,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the config's positions, at most 1024")
     p.add_argument("--microbatches", type=int, default=None, help="per rank and step; default pp")
     p.add_argument("--top", type=int, default=10, help="grids shown when ranking")
+    p.add_argument("--hardware", default=None, help="rank grids by predicted step time on this machine: "
+                   "a100-80g, h100-80g, h200, cpu-gloo, or a JSON file of autopar.cli.cost.Hardware's fields")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine (matmul FLOP/s, 2-rank gloo "
+                   "all-reduce) and rank grids on the measured figures")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule the step time assumes "
+                   "(gpipe, 1f1b, interleaved with 2 virtual stages, zerobubble)")
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -190,6 +199,15 @@ def main(args: argparse.Namespace) -> int:
         model = build_model(args)
     shape = shape_of(model, args.seq_len)
     grids = [resolve_sizes(args.world, **grid)] if grid else candidate_grids(args.world, shape.blocks)
+    if args.hardware or args.calibrate:
+        from . import cost
+
+        hw = cost.calibrate(args.world) if args.calibrate else cost.load_hardware(args.hardware)
+        print(f"{args.factory or args.model}: {shape.blocks} blocks; global batch {args.global_batch} x "
+              f"{shape.seq_len} tokens; fp32 AdamW, {args.schedule}")
+        ranked = cost.rank_grids(shape, args.world, args.global_batch, hw, args.microbatches, args.schedule, grids)
+        cost.print_ranking(ranked, hw, args.top if not grid else len(ranked))
+        return 0
     rows = []
     for sizes in grids:
         fig = predict(shape, sizes, args.global_batch, args.microbatches or sizes["pp"])

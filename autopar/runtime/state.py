@@ -10,6 +10,7 @@ import logging
 import os
 import random
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,7 @@ def _requested_grid(explicit: dict[str, int | None]) -> dict[str, int | None]:
     its grid then), else ``AUTOPAR_GRID``; unset axes are 1 and ``dp`` is inferred."""
     given = {a: n for a, n in explicit.items() if n is not None}
     env = os.environ.get(GRID_ENV, "")
+    env = "" if env.strip() == "auto" else env  # explicit sizes win over "auto" (see _auto_request)
     try:
         from_env = parse_grid(env)
     except ValueError as e:
@@ -71,6 +73,37 @@ def _requested_grid(explicit: dict[str, int | None]) -> dict[str, int | None]:
         log.warning("init(%s) overrides %s=%s", ", ".join(f"{a}={n}" for a, n in given.items()), GRID_ENV, env)
     chosen = given or from_env
     return {"pp": 1, "x": 1, "y": 1, "z": 1, "dp": None, **chosen}
+
+
+def _auto_request(grid: str | None, explicit: dict[str, int | None],
+                  planner: dict[str, Any]) -> dict[str, Any] | None:
+    """The planner's arguments when the grid is ``"auto"`` (from ``init`` or ``AUTOPAR_GRID``),
+    else None. Explicit sizes next to ``grid="auto"`` contradict it and raise."""
+    if grid is not None and grid != "auto":
+        raise ValueError(f"init(grid={grid!r}): the only grid name is 'auto'; give sizes as pp=, dp=, x=, y=, z=")
+    given = [a for a, n in explicit.items() if n is not None]
+    if grid is None and (given or os.environ.get(GRID_ENV, "").strip() != "auto"):
+        return None
+    if given:
+        raise ValueError(f"init(grid='auto') picks every size itself; drop {', '.join(given)}")
+    missing = [k for k in ("model", "hardware", "global_batch") if planner[k] is None]
+    if missing:
+        raise ValueError(f"grid='auto' needs {', '.join(f'{k}=' for k in missing)} in autopar.init(...): "
+                         "the planner ranks grids for a model, a machine and a global batch")
+    return planner
+
+
+def _sizes(world: int, requested: dict[str, int | None],
+           planner: dict[str, Any] | None) -> tuple[dict[str, int], str]:
+    """The grid's sizes for ``world`` ranks, and what the planner chose (empty without "auto"):
+    the planner lives with ``autopar plan``, imported only when asked for."""
+    if planner is None:
+        return resolve_sizes(world, **requested), ""
+    from ..cli.cost import choose_grid
+
+    best = choose_grid(world, **planner)
+    return best.sizes, (f"grid='auto' chose {best.sizes} with {best.microbatches} microbatch(es), "
+                        f"predicted {best.step:.3g} s per step on {planner['hardware']}")
 
 
 def current_grid() -> Grid:
@@ -133,7 +166,9 @@ def _timeout(timeout: float | timedelta | None) -> timedelta:
 def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: int | None = None,
          z: int | None = None, *,
          backend: str | None = None, device: str | torch.device | None = None,
-         timeout: float | timedelta | None = None, seed: int = 0) -> Grid:
+         timeout: float | timedelta | None = None, seed: int = 0, grid: str | None = None,
+         model: Any = None, hardware: Any = None, global_batch: int | None = None,
+         seq_len: int | None = None, schedule: str = "1f1b") -> Grid:
     """Start (or join) the distributed world and lay the grid over it.
 
     ``dp`` is inferred as world / (pp*x*y*z) when left out. ``backend`` defaults to NCCL where
@@ -142,20 +177,30 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
     Grid axes left out are 1. When no grid argument is given at all, the sizes come from the
     ``AUTOPAR_GRID`` environment variable (``"pp=2,x=2"``, set by ``autopar run --grid``) if set;
     explicit arguments always win over it.
+
+    ``grid="auto"`` (or ``AUTOPAR_GRID=auto``) lets the planner pick the sizes: the best
+    feasible grid for ``model`` (a module, ideally built on meta, a transformers config, or a
+    family name of ``autopar plan``) on ``hardware`` (a preset such as ``"h100"`` or a JSON
+    file) for ``global_batch`` sequences of ``seq_len`` tokens under ``schedule``. It is
+    computed from shapes and fixed figures only, so every rank makes the same choice without
+    communicating; ``autopar plan --hardware`` prints the same ranking.
     """
     global _grid, _owns_world, _timeout_td
     if _grid is not None:
         raise RuntimeError("autopar.init() was already called in this process; "
                            "call autopar.destroy() before initialising again")
     td = _timeout_td = _timeout(timeout)
-    requested = _requested_grid(dict(pp=pp, dp=dp, x=x, y=y, z=z))
+    explicit = dict(pp=pp, dp=dp, x=x, y=y, z=z)
+    auto = _auto_request(grid, explicit, dict(model=model, hardware=hardware, global_batch=global_batch,
+                                              seq_len=seq_len, schedule=schedule))
+    requested = _requested_grid(explicit) if auto is None else {}
     debug = diagnostics.debug_enabled()
     if debug:  # torch's cross-rank check wraps only groups made after the level is set
         diagnostics.enable_debug()
     if dist.is_initialized():
         launcher, rank, world, local_rank = "existing", dist.get_rank(), dist.get_world_size(), \
             int(os.environ.get("LOCAL_RANK", "0"))
-        sizes = resolve_sizes(world, **requested)
+        sizes, chose = _sizes(world, requested, auto)
         backend = dist.get_backend()
         device = choose_device(backend, local_rank, device)
         if device.type == "cuda":
@@ -163,7 +208,7 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
     else:
         launch = detect_launch()
         # Check the grid before any rendezvous: a bad grid must fail on every rank, not hang.
-        sizes = resolve_sizes(launch.world_size, **requested)
+        sizes, chose = _sizes(launch.world_size, requested, auto)
         launch = resolve_rendezvous(launch)
         launcher, rank, world, local_rank = launch.launcher, launch.rank, launch.world_size, \
             launch.local_rank
@@ -194,6 +239,8 @@ def init(pp: int | None = None, dp: int | None = None, x: int | None = None, y: 
     seed_everything(seed)
     if rank == 0:
         log.info("launcher=%s world=%d %s", launcher, world, _grid)
+        if chose:
+            log.info("%s", chose)
     return _grid
 
 
