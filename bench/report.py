@@ -34,8 +34,10 @@ CAPABILITIES = {  # bench script stem -> section title
 }
 
 
-# Sections written by commands this runner does not run (hardware it cannot assume; `autopar plan --dry-run`).
-OTHER_SECTIONS = ("One GPU: `bench/gpu_check.py`", "Dry run at cluster size (issue 16.2)")
+# Sections written by commands this runner does not run (hardware it cannot assume; `autopar plan --dry-run`;
+# `bench/bench_planner.py`, whose timings need a quiet machine).
+OTHER_SECTIONS = ("One GPU: `bench/gpu_check.py`", "Dry run at cluster size (issue 16.2)",
+                  "Planner: predicted vs measured step time (issue 16.3)")
 
 
 def kept_sections(report: Path, rerun: set[str]) -> list[str]:

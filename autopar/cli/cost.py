@@ -69,9 +69,9 @@ PRESETS: dict[str, Hardware] = {
     "a100-80g": Hardware("a100-80g", 78e12, 80 * GIB, 8, 300 * GB, 25 * GB, 10e-6),
     "h100-80g": Hardware("h100-80g", 247e12, 80 * GIB, 8, 450 * GB, 50 * GB, 10e-6),
     "h200": Hardware("h200", 247e12, 141 * GB, 8, 450 * GB, 50 * GB, 10e-6),
-    # This repository's 2-core CI machine, measured once with `autopar plan --calibrate`
-    # (8 ranks share 2 cores, so a rank gets a quarter of one core's matmul rate): one node.
-    "cpu-gloo": Hardware("cpu-gloo", 2.5e9, 2.5 * GIB, 1 << 20, 0.4 * GB, 0.4 * GB, 300e-6),
+    # This repository's 2-core CI machine as `autopar plan --world 8 --calibrate` measured it
+    # (8 one-thread ranks sharing the cores, under a CI run): all ranks in one node.
+    "cpu-gloo": Hardware("cpu-gloo", 17e9, 2.9 * GIB, 1 << 20, 1.1 * GB, 1.1 * GB, 181e-6),
 }
 ALIASES = {"a100": "a100-80g", "h100": "h100-80g"}
 
@@ -236,25 +236,36 @@ def _allreduce_worker(rank: int, store_path: str, numel: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def calibrate(world: int, numel: int = 1 << 22) -> Hardware:
-    """This machine measured as ``cpu-gloo`` for ``world`` ranks on it: a 1024^3 fp32 matmul at
-    the process's thread count gives FLOP/s, scaled by cores / ranks when the ranks outnumber the
-    cores; a 2-rank gloo all-reduce of ``numel`` floats gives bandwidth (a 2-rank ring sends the
-    tensor's bytes once) and one of a single float the latency. Memory is the RAM over the ranks."""
-    a = torch.randn(1024, 1024)
+def _matmul_worker(index: int, out_dir: str, seconds: float = 1.0) -> None:
+    """One of the ranks that share the machine during calibration: 512^3 fp32 matmuls on one
+    thread (autopar's gloo ranks run one each) for ``seconds``; writes its FLOP/s."""
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
     a @ a
     reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.5:
+    while time.perf_counter() - t0 < seconds:
         a @ a
         reps += 1
-    cores = os.cpu_count() or 1
-    flops = 2 * 1024 ** 3 * reps / (time.perf_counter() - t0) * min(1.0, cores / (world * torch.get_num_threads()))
+    with open(os.path.join(out_dir, f"flops{index}"), "w") as f:
+        f.write(str(2 * 512 ** 3 * reps / (time.perf_counter() - t0)))
+
+
+def calibrate(world: int, numel: int = 1 << 22, at_once: int = 16) -> Hardware:
+    """This machine measured as ``cpu-gloo`` for ``world`` ranks on it. FLOP/s: the mean rate of
+    ``min(world, at_once)`` one-thread matmul processes running together, since ranks share the
+    cores (and whatever else runs), scaled down further when ``world`` exceeds them; bandwidth: a
+    2-rank gloo all-reduce of ``numel`` floats (a 2-rank ring sends the tensor's bytes once);
+    latency: one of a single float. Memory is the RAM over the ranks."""
+    together = min(world, at_once)
     with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_matmul_worker, args=(tmp,), nprocs=together, start_method="spawn")
+        rates = [float(open(os.path.join(tmp, f"flops{i}")).read()) for i in range(together)]
         out = os.path.join(tmp, "times.json")
         mp.start_processes(_allreduce_worker, args=(os.path.join(tmp, "store"), numel, out), nprocs=2,
                            start_method="spawn")
         with open(out) as f:
             big, small = json.load(f)
+    flops = sum(rates) / world  # the cores' total rate, shared by the ranks
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     bw = 4 * numel / max(big - small, 1e-9)
     return Hardware("cpu-gloo (measured)", flops, ram / world, 1 << 20, bw, bw, small)
