@@ -142,3 +142,27 @@ def test_grid_auto_errors(monkeypatch) -> None:
         autopar.init(grid="best")
     with pytest.raises(ValueError, match="grid='auto': no grid of 1 ranks can train this model"):
         cost.choose_grid(1, "gpt2", cost.dataclasses.replace(UNIT, memory=1.0), 8)
+
+
+def test_plan_prints_the_ranking(capsys) -> None:
+    from autopar.cli import main
+
+    assert main(["plan", "--model", "gpt2", "--world", "16", "--hardware", "h100", "--global-batch", "64",
+                 "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("hardware h100-80g: 247 TFLOP/s") and "step" in lines[2]
+    assert lines[3].split()[:5] == ["1", "8", "2", "1", "1"] and lines[-1] == "... 66 more grids (--top)"
+
+
+def test_run_grid_auto_hands_the_choice_to_the_ranks(capsys) -> None:
+    from autopar.cli import main
+
+    best = cost.choose_grid(8, "gpt2", "h100", 64, 128)
+    assert main(["run", "-n", "8", "--grid", "auto", "--model", "gpt2", "--hardware", "h100", "--global-batch",
+                 "64", "--seq-len", "128", "--dry-run", "train.py"]) == 0
+    out = capsys.readouterr()
+    grid = ",".join(f"{a}={n}" for a, n in best.sizes.items())
+    assert f"--grid auto chose {grid}" in out.out and f"AUTOPAR_GRID={grid} " in out.err
+    with pytest.raises(SystemExit):
+        main(["run", "-n", "8", "--grid", "auto", "--dry-run", "train.py"])
+    assert "--grid auto needs --model, --hardware, --global-batch" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 training, ``plan`` memory and communication for a model and world size.
 
     autopar run -n 8 --grid pp=2,x=2 train.py --steps 100
+    autopar run -n 64 --grid auto --model llama --hardware h100 --global-batch 512 train.py
     autopar check --model llama --grid x=2,y=2,z=2
     autopar plan --model gpt2 --world 8
     autopar plan --dry-run --model llama --world 16384 --grid pp=8,x=2,y=2,z=2
@@ -17,7 +18,9 @@ from . import check, dry_run, plan
 from .launch import LAUNCHERS, Job, launch
 
 
-def _grid(text: str) -> dict[str, int]:
+def _grid(text: str) -> dict[str, int] | str:
+    if text.strip() == "auto":
+        return "auto"
     try:
         return parse_grid(text)
     except ValueError as e:
@@ -46,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start a Python script on N ranks with the right launcher")
     _add_launch_arguments(run, nprocs_required=True)
+    run.add_argument("--model", default=None, help="with --grid auto: the model the planner ranks grids for "
+                     "(a family of `autopar plan` or a Hugging Face config.json)")
+    run.add_argument("--hardware", default=None, help="with --grid auto: a preset (h100, a100-80g, h200, cpu-gloo) "
+                     "or a JSON file")
+    run.add_argument("--global-batch", type=int, default=None, help="with --grid auto: sequences per step")
+    run.add_argument("--seq-len", type=int, default=None, help="with --grid auto: tokens per sequence")
     run.add_argument("script", help="the Python script every rank runs")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     chk = sub.add_parser("check", help="train a tiny model on the grid and serially; print the errors")
@@ -74,6 +83,20 @@ def _check_argv(args: argparse.Namespace) -> list[str]:
     return argv + (["--fp64"] if args.fp64 else [])
 
 
+def _auto_grid(args: argparse.Namespace) -> dict[str, int]:
+    """``run --grid auto``: the planner's top grid, chosen once here and handed to every rank as
+    ``AUTOPAR_GRID``, so the ranks need not agree on anything."""
+    from . import cost
+
+    missing = [f for f in ("model", "hardware", "global_batch") if getattr(args, f) is None]
+    if missing:
+        raise ValueError("--grid auto needs " + ", ".join(f"--{f.replace('_', '-')}" for f in missing))
+    best = cost.choose_grid(args.nprocs, args.model, args.hardware, args.global_batch, args.seq_len)
+    print(f"autopar run: --grid auto chose {','.join(f'{a}={n}' for a, n in best.sizes.items())} "
+          f"({best.microbatches} microbatch(es), predicted {best.step:.3g} s per step on {args.hardware})")
+    return best.sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -81,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return dry_run.main(args) if args.dry_run else plan.main(args)
         if args.command == "run":
+            if args.grid == "auto":
+                args.grid = _auto_grid(args)
             return launch(_job(args, [args.script, *args.args]), dry_run=args.dry_run)
+        if args.grid == "auto":
+            raise ValueError("check compares one given grid with serial training; --grid auto is for run")
         return launch(_job(args, ["-m", "autopar.cli.check", *_check_argv(args)]), dry_run=args.dry_run)
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"autopar {args.command}: error: {e}\n")

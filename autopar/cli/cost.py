@@ -26,6 +26,7 @@ Assumptions, each chosen to match what autopar's code really does:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -41,7 +42,7 @@ from torch import nn
 from ..intra_layer.layout import divisible, linear_weight_spec
 from ..runtime.grid import AXES, _strides
 from . import models
-from .plan import Shape, candidate_grids, predict, shape_of
+from .plan import Shape, build_model, candidate_grids, predict, shape_of
 
 GB, GIB = 1e9, 2.0 ** 30
 USABLE = 0.9
@@ -272,20 +273,20 @@ def calibrate(world: int, numel: int = 1 << 22, at_once: int = 16) -> Hardware:
 
 
 def _module(model: object) -> nn.Module:
-    """``model`` as a module to read shapes from: itself, or built on meta from a transformers
-    config or an ``autopar plan`` family name (no memory, no weights)."""
+    """``model`` as a module to read shapes from: itself, or built on meta (no memory, no
+    weights) from a transformers config or what ``autopar plan --model`` takes."""
     if isinstance(model, nn.Module):
         return model
     with torch.device("meta"):
-        if isinstance(model, str):
-            return models.build(model, tiny=False)
+        if isinstance(model, str):  # a family or a config.json / folder, as `autopar plan --model` takes
+            return build_model(argparse.Namespace(factory=None, model=model))
         import transformers as tf
 
         if isinstance(model, tf.PretrainedConfig):
             names = [n for n in getattr(model, "architectures", None) or () if hasattr(tf, n)]
             return getattr(tf, names[0])(model) if names else tf.AutoModelForCausalLM.from_config(model)
-    raise ValueError(f"grid='auto': model must be an nn.Module, a transformers config or a family name "
-                     f"({', '.join(models.FAMILIES)}), not {type(model).__name__}")
+    raise ValueError(f"grid='auto': model must be an nn.Module, a transformers config, a family name "
+                     f"({', '.join(models.FAMILIES)}) or a config.json path, not {type(model).__name__}")
 
 
 def choose_grid(world: int, model: object, hardware: str | Mapping[str, object] | Hardware, global_batch: int,
