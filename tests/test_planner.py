@@ -166,3 +166,11 @@ def test_run_grid_auto_hands_the_choice_to_the_ranks(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["run", "-n", "8", "--grid", "auto", "--dry-run", "train.py"])
     assert "--grid auto needs --model, --hardware, --global-batch" in capsys.readouterr().err
+
+
+def test_attention_is_computed_whole_on_every_tensor_parallel_rank() -> None:
+    # one block: an 8 x 8 weight plus attention over seq 4, hidden 8: 12 * 4 * 8 FLOPs per token,
+    # 4 tokens. x=2 halves the weight's 6 * 64 * 4 but not the attention (full-feature activations).
+    shape = Shape([Layer(8, 8, True)], 0, 0, 1, 8, 2, 4)
+    assert cost.step_cost(shape, _grid(dp=1), 1, 1, UNIT).compute == 1536 + 1536
+    assert cost.step_cost(shape, _grid(x=2), 1, 1, UNIT).compute == 768 + 1536

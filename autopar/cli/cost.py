@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -87,8 +88,9 @@ def load_hardware(spec: str | Mapping[str, object] | Hardware) -> Hardware:
         if name in PRESETS:
             return PRESETS[name]
         if not os.path.exists(spec):
+            names = ", ".join(f.name for f in dataclasses.fields(Hardware))
             raise ValueError(f"unknown hardware {spec!r}: use a preset ({', '.join([*PRESETS, *ALIASES])}) "
-                             "or a JSON file with the fields " + ", ".join(f.name for f in dataclasses.fields(Hardware)))
+                             f"or a JSON file with the fields {names}")
         with open(spec) as f:
             spec = {"name": os.path.basename(spec), **json.load(f)}
     fields = {f.name for f in dataclasses.fields(Hardware)}
@@ -102,10 +104,7 @@ def intra_node(axis: str, sizes: Mapping[str, int], ranks_per_node: int) -> bool
     and span ``stride * size`` consecutive ranks, which stay in a node of ``ranks_per_node``
     consecutive ranks exactly when that span divides it (or the whole world fits in a node)."""
     span = _strides(sizes)[axis] * sizes[axis]
-    world = 1
-    for a in AXES:
-        world *= sizes[a]
-    return world <= ranks_per_node or ranks_per_node % span == 0
+    return math.prod(sizes[a] for a in AXES) <= ranks_per_node or ranks_per_node % span == 0
 
 
 @dataclasses.dataclass(frozen=True)
