@@ -26,3 +26,22 @@ def pool4():
 @pytest.fixture(scope="module")
 def pool8():
     yield from _pool(8)
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Per-module wall time (set-up, call and tear-down, rank pools included), for the summary."""
+    module = report.nodeid.split("::", 1)[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite has a 15-minute budget on a 2-core machine: show where the time goes."""
+    if not _module_seconds:
+        return
+    terminalreporter.write_sep("-", "seconds per test module")
+    for module, seconds in sorted(_module_seconds.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {module}")
+    terminalreporter.write_line(f"{sum(_module_seconds.values()):8.1f}  total")

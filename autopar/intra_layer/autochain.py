@@ -56,8 +56,14 @@ class _Watch:
     def __init__(self, layers: list[ShardedModule], grid: Grid) -> None:
         self.layers = [weakref.ref(layer) for layer in layers]
         self.ids = {id(layer) for layer in layers}
-        self.grid = grid
+        # Weak: a model built but never run (its watch waits for a forward that may not come)
+        # must not keep the grid's process groups, and their gloo threads, alive past destroy().
+        self._grid = weakref.ref(grid)
         self.seen: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    @property
+    def grid(self) -> Grid | None:
+        return self._grid()
 
     def alive(self) -> list[ShardedModule]:
         return [layer for ref in self.layers if (layer := ref()) is not None]
@@ -159,7 +165,7 @@ def _pre(module: nn.Module, args: tuple) -> None:
             _active.flow.enter_layer(module, args)
         return
     for w in list(_watches):
-        if not w.any_alive() or w.grid is not _current_or_none():
+        if not w.any_alive() or w.grid is None or w.grid is not _current_or_none():
             _unwatch(w)  # its model is gone, or it was built on a grid that no longer exists
         elif w.contains(module):
             _active = _Observation(w, module)

@@ -100,6 +100,10 @@ class _GatherLast(torch.autograd.Function):
 
 
 class _AllReduce(torch.autograd.Function):
+    """On a copy: summing the caller's fresh partial result in place (``mark_dirty``) would save
+    that copy, but under ``torch.compile`` AOTAutograd hands the Function a view of a graph
+    output and forbids the in-place change ("view ... modified inplace")."""
+
     @staticmethod
     def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
         t = t.clone()

@@ -48,7 +48,7 @@ from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
 from .comm import COUNTER, depth_gather
-from .layers import gather_full, spec_of
+from .layers import LoadsFullTensors, gather_full, spec_of
 
 _INTERFACE = ("hidden_states", "top_k_index", "top_k_weights")
 
@@ -155,7 +155,7 @@ def _sum_xy(t: Tensor, grid: Grid) -> Tensor:
     return t
 
 
-class ShardedExperts(nn.Module):
+class ShardedExperts(LoadsFullTensors):
     """Mixed in front of a fused experts class (``parallel_class``): runs the class's own forward
     on this rank's experts, and gives checkpoints the full tensors. ``_autopar_experts``: the
     first global expert id held here and how many."""
@@ -188,18 +188,6 @@ class ShardedExperts(nn.Module):
         out.update((n, b) for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set)
         return out
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Full (serial) tensors are cut to this rank's piece; local pieces load as they are."""
-        replaced = {}
-        for name, p in self._parameters.items():
-            spec, key = spec_of(p), prefix + name
-            if spec is not None and key in state_dict and tuple(state_dict[key].shape) == spec.full_shape:
-                replaced[key] = state_dict[key]
-                state_dict[key] = spec.shard(state_dict[key], current_grid().coords)
-        try:
-            super()._load_from_state_dict(state_dict, prefix, *args)
-        finally:
-            state_dict.update(replaced)
 
 
 @functools.cache

@@ -66,7 +66,24 @@ def make_local(full: Tensor, spec: ShardSpec, grid: Grid, requires_grad: bool) -
     return local
 
 
-class ShardedModule(nn.Module):
+class LoadsFullTensors(nn.Module):
+    """``load_state_dict`` of full (serial) tensors into sharded parameters: each is cut to this
+    rank's piece (by its spec) on the way in; local pieces load as they are."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        replaced = {}
+        for name, p in self._parameters.items():
+            spec, key = spec_of(p), prefix + name
+            if spec is not None and key in state_dict and tuple(state_dict[key].shape) == spec.full_shape:
+                replaced[key] = state_dict[key]
+                state_dict[key] = spec.shard(state_dict[key], current_grid().coords)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+        finally:
+            state_dict.update(replaced)
+
+
+class ShardedModule(LoadsFullTensors):
     """Full-tensor views of a layer whose parameters may be sharded: ``autopar_full_state`` for
     ``autopar.full_state_dict``, ``load_state_dict`` of full (serial) tensors, and re-init
     (``reset_parameters``) that draws full-size tensors so the RNG stream matches serial."""
@@ -106,18 +123,6 @@ class ShardedModule(nn.Module):
                 spec = spec_of(p)
                 out[name] = p if spec is None else gather_full(p, spec, grid)
         return out
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        replaced = {}
-        for name, p in self._parameters.items():
-            spec, key = spec_of(p), prefix + name
-            if spec is not None and key in state_dict and tuple(state_dict[key].shape) == spec.full_shape:
-                replaced[key] = state_dict[key]
-                state_dict[key] = spec.shard(state_dict[key], current_grid().coords)
-        try:
-            super()._load_from_state_dict(state_dict, prefix, *args)
-        finally:
-            state_dict.update(replaced)
 
     def serial_init(self) -> None:
         raise NotImplementedError
