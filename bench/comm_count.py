@@ -90,7 +90,10 @@ class ByteCounter:
 
     def __enter__(self) -> "ByteCounter":
         wrapped = {id(self._real[n]): self._counted(n) for n in self.names}
-        modules = [dist] + [m for k, m in list(sys.modules.items()) if k.startswith("autopar") and m is not None]
+        # c10d too: P2POp checks its op against c10d's own isend/irecv (and autopar's recorder
+        # may have wrapped those), so both namespaces must hand out the same counted function.
+        modules = [dist, dist.distributed_c10d] + [m for k, m in list(sys.modules.items())
+                                                   if k.startswith("autopar") and m is not None]
         for module in modules:
             for attr, value in list(vars(module).items()):
                 if id(value) in wrapped and any(value is r for r in self._real.values()):
