@@ -31,7 +31,7 @@ from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_st
 from .pipeline import Pipeline
 from .runtime.batch import map_tensors, split_batch
 from .runtime.loss_weights import ItemCounter, LossWeights, Scale, label_counter
-from .runtime.params import clip_grad_norm_
+from .runtime.params import clip_coefficient
 from .runtime.precision import Precision, check_precision, drop_grads
 from .runtime.state import current_grid
 
@@ -330,15 +330,18 @@ class Engine:
             return self._global_loss(total)
         if self.pipeline is not None:  # before the dp reduction, which may scatter ZeRO shards
             self.pipeline.sync_tied_grads()
-        self.dp.finish(mean_of=self._accumulated + 1)
+        # A host step takes each bucket's gradients as its reduction ends, unless fp16's
+        # unscaling still has to change them on the device.
+        early = self.stepper.takes_grads_early and self.loss_scaler is None
+        self.dp.finish(mean_of=self._accumulated + 1, on_reduced=self.stepper.grads_ready if early else None)
         self._accumulated = 0
         # fp16: unscale before clipping; an overflow anywhere skips the step on every rank.
         if self.loss_scaler is not None and self.loss_scaler.unscale_and_update(self.dp.optimizer_params):
             drop_grads(self.dp.optimizer_params)
         else:
-            if self.clip_grad_norm is not None:
-                clip_grad_norm_(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
-            self.stepper.step()  # also clears the gradients
+            coef = None if self.clip_grad_norm is None else \
+                clip_coefficient(self.dp.optimizer_params, self.clip_grad_norm, self.grid)
+            self.stepper.step(grad_scale=coef)  # also clears the gradients
         self.dp.after_step()
         self.step_count += 1
         self.activation_meter.enabled = False

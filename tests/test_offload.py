@@ -310,3 +310,52 @@ def test_cpu_step_grads_handed_over_early():
         plain.step()
         stepper.step()
         assert all(torch.equal(a, b) for a, b in zip(ref, mine))
+
+
+def _grads_the_optimizer_sees(offload):
+    """dp=2 with clipping and small buckets: per step, the gradients the user's optimizer is
+    stepped with (the host masters' under ``optimizer+step``) and, per step, the number of
+    parameters each early hand-over (``grads_ready``) carried before ``step`` began."""
+    torch.manual_seed(0)
+    fused = lambda p: torch.optim.AdamW(p, lr=LR, fused=True)  # noqa: E731 (the host step's own choice)
+    engine = autopar.parallelize(Net(), optimizer=fused, loss_fn=_mse, clip_grad_norm=0.05, offload=offload,
+                                 bucket_mb=0.0005)
+    seen, handed, stepping = [], [], [False]
+    stepper, real_step, real_ready = engine.stepper, engine.stepper.step, engine.stepper.grads_ready
+
+    def ready(params):
+        assert not stepping[0], "a hand-over after the step began"
+        handed[-1].append(len(params))
+        real_ready(params)
+
+    def step(grad_scale=None):
+        stepping[0] = True
+        real_step(grad_scale=grad_scale)
+        stepping[0] = False
+
+    def opt_step(*args, _real=engine.optimizer.step):
+        seen.append([p.grad.clone() for group in engine.optimizer.param_groups for p in group["params"]])
+        return _real(*args)
+
+    stepper.grads_ready, stepper.step, engine.optimizer.step = ready, step, opt_step
+    for b in _batches(steps=4):
+        handed.append([])
+        engine.step(autopar.shard_batch(b))
+    return seen, handed, len(engine.dp.buckets), len(engine.dp.reduced)
+
+
+def check_host_step_takes_grads_per_bucket():
+    autopar.init(dp=2)
+    device, device_handed, _, _ = _grads_the_optimizer_sees(None)
+    host, handed, buckets, reduced = _grads_the_optimizer_sees("optimizer+step")
+    assert device_handed == [[]] * 4  # a device step is never handed anything early
+    assert buckets > 2
+    # First step: the bucket layout and the unused parameters are still being learnt.
+    assert handed[0] == [] and all(len(h) == buckets and sum(h) == reduced for h in handed[1:]), handed
+    # Clipping reaches the early host copies: the same numbers as clipping on the device.
+    for step, (d, h) in enumerate(zip(device, host)):
+        assert all(torch.equal(a, b) for a, b in zip(d, h)), f"step {step}"
+
+
+def test_host_step_takes_grads_per_bucket_and_clips_them(pool2):
+    pool2.run(check_host_step_takes_grads_per_bucket)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -328,19 +328,31 @@ class GradBuckets:
             p.grad = None
 
     # --- end of step ---------------------------------------------------------------------------
-    def finish(self, mean_of: int = 1) -> None:
+    def finish(self, mean_of: int = 1, on_reduced: Callable[[list[nn.Parameter]], None] | None = None) -> None:
         """Launch the buckets backward did not complete (unused parameters, or no syncing
         backward at all), then wait once for every reduction. Afterwards each ``.grad`` (or ZeRO
         shard gradient) holds the serial gradient; ``mean_of=k`` divides it by k, for gradients
-        summed over k steps' backward passes (accumulation across ``step`` calls)."""
+        summed over k steps' backward passes (accumulation across ``step`` calls).
+
+        ``on_reduced(params)`` is told, bucket by bucket in reduction order, that these
+        parameters' gradients are final, so a host offload can start copying them while later
+        buckets are still being reduced (on CUDA ``wait`` only orders the streams, so the copies
+        queue behind each bucket's reduction, not behind the last one). It is called only when
+        nothing here changes a gradient after its wait: no ZeRO, ``mean_of=1``, the unused
+        parameters known and the layout fixed; otherwise the receiver takes them at the step."""
         if self._no_sync_depth:
             raise RuntimeError("finish() inside no_sync(): leave no_sync before the step that syncs")
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
+        early = on_reduced is not None and not self.zero and mean_of == 1 and self._unused is not None \
+            and self._rebuild_in is None
+        unused = {id(p) for p in self._unused or ()}
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
+            if early:
+                on_reduced([p for p in bucket.params if id(p) not in unused])
         self._in_flight = []
         if mean_of != 1:
             reduced = [b.shard_grad if self.zero == 2 else b.grad for b in self.buckets]

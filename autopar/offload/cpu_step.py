@@ -11,8 +11,9 @@ chosen, ``fused`` is switched on: torch's fused CPU AdamW (vectorised, one pass 
 what DeepSpeed's CPU Adam does). An explicit ``fused=False`` or ``foreach=...`` is respected.
 
 Timeline of one step on a GPU: gradients go device -> host on a side stream, as early as
-``grads_ready`` is told they are final (the data-parallel engine can call it per bucket as soon
-as the bucket's reduction finishes) and at the latest when ``step`` starts; the host waits only
+``grads_ready`` is told they are final (the engine calls it per bucket as the bucket's
+reduction ends, from the second step on) and at the latest when ``step`` starts; clipping then
+scales the host copies; the host waits only
 for those copies, steps, and queues the updated weights host -> device on the side stream. The
 compute stream waits for that copy on the device; the host does not wait for it (until something
 reads a device value, such as ``Engine.step``'s returned loss).
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from ..runtime.grid import Grid
-from .stepper import MemoryTable, OptimizerFactory, SideCopies, device_waits, host_empty, state_tensors, tensor_bytes
+from .stepper import (MemoryTable, OptimizerFactory, SideCopies, device_waits, host_empty, scale_grads,
+                      state_tensors, tensor_bytes)
 
 
 def prefer_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -103,9 +105,8 @@ class CpuStepper:
 
     @torch.no_grad()
     def grads_ready(self, params: Sequence[nn.Parameter]) -> None:
-        """Start copying these parameters' gradients to the host now. They must be final: summed
-        over their replicas and already clipped (clipping after the hand-over would not reach
-        the host copy)."""
+        """Start copying these parameters' gradients to the host now. They must be final:
+        summed over their replicas; clipping comes later, as ``step``'s ``grad_scale``."""
         self._copy_grads([self._index[id(p)] for p in params if p.grad is not None])
 
     def _copy_grads(self, indices: list[int]) -> None:
@@ -117,8 +118,13 @@ class CpuStepper:
         for i in indices:
             self._handed_over[i] = True
 
+    # The engine hands each bucket's gradients over as its reduction ends (``grads_ready``).
+    takes_grads_early = True
+
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        """``grad_scale`` (clipping's coefficient) scales the host copies, so gradients handed
+        over before the global norm was known are clipped too."""
         self._copy_grads([i for i, (p, done) in enumerate(zip(self.params, self._handed_over))
                           if p.grad is not None and not done])
         self.grad_bytes = tensor_bytes(p for p, has in zip(self.params, self._handed_over) if has)  # as on the device
@@ -127,6 +133,7 @@ class CpuStepper:
         # The host waits for the gradients, and with them for the previous step's weight copy,
         # which read the masters and the staging buffers about to be overwritten.
         self._copies.synchronize()
+        scale_grads(self.masters, None if grad_scale is None else grad_scale.to("cpu", torch.float32))
         self.optimizer.step()
         for staged, masters in self._casts:
             torch._foreach_copy_(staged, masters)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..runtime.grid import Grid
-from .stepper import (MemoryTable, OptimizerFactory, SideCopies, device_waits, host_empty, state_tensors,
-                      tensor_bytes)
+from .stepper import (MemoryTable, OptimizerFactory, SideCopies, device_waits, host_empty, scale_grads,
+                      state_tensors, tensor_bytes)
 
 DEFAULT_CHUNK_NUMEL = 1 << 24
 """16 Mi parameters: 128 MiB of fp32 AdamW state per chunk, large enough for full-bandwidth copies."""
@@ -75,7 +75,10 @@ class StateOffloadStepper:
         self.optimizer.register_state_dict_pre_hook(lambda _opt: self.synchronize())
         self.optimizer.register_load_state_dict_post_hook(lambda _opt: self._send_all_home())
 
-    def step(self) -> None:
+    takes_grads_early = False  # the gradients stay on the device; the state comes to them
+
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        scale_grads(self.params, grad_scale)
         opt = self.optimizer
         self.grad_bytes = tensor_bytes(p.grad for p in self.params if p.grad is not None)
         full = [group["params"] for group in opt.param_groups]

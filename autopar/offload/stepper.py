@@ -1,7 +1,8 @@
 """The optimizer step as the engine sees it: one object per offload mode, built by ``build_stepper``.
 
-The engine only ever calls ``step()`` (which also clears the gradients) after backward, gradient
-sync and clipping. Each mode owns where gradients, master weights and optimizer state live, and
+The engine only ever calls ``step(grad_scale)`` (which also clears the gradients) after backward
+and gradient sync; ``grad_scale`` is clipping's coefficient, applied by the stepper wherever it
+keeps the gradients. Each mode owns where gradients, master weights and optimizer state live, and
 reports their bytes for ``memory_report``. ``stepper.optimizer`` is always the user's own
 ``torch.optim.Optimizer``, so LR schedulers and ``state_dict()`` keep working unchanged.
 """
@@ -26,6 +27,14 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
 
 
+def scale_grads(params: Sequence[nn.Parameter], scale: torch.Tensor | None) -> None:
+    """Multiply the gradients present by ``scale`` (clipping's coefficient) in place."""
+    if scale is not None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+
+
 def host_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host buffer; page-locked when it feeds an accelerator, so copies run asynchronously
     (a pageable buffer makes every ``non_blocking`` copy a synchronous one)."""
@@ -40,7 +49,11 @@ class DeviceStepper:
         self.optimizer = factory(self.params)
         self.grad_bytes = 0
 
-    def step(self) -> None:
+    # Gradients stay on the device until the step: nothing to gain from knowing them early.
+    takes_grads_early = False
+
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        scale_grads(self.params, grad_scale)
         self.grad_bytes = tensor_bytes(p.grad for p in self.params if p.grad is not None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -82,11 +82,10 @@ def global_grad_norm(params: Iterable[torch.Tensor], grid: Grid) -> torch.Tensor
     return total.sqrt()
 
 
-def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, grid: Grid) -> torch.Tensor:
-    """Scale gradients in place so the global norm is at most ``max_norm``; same rule as
-    ``torch.nn.utils.clip_grad_norm_``, so it equals serial clipping. Returns the norm before."""
-    params = [p for p in params if p.grad is not None]
+def clip_coefficient(params: Iterable[torch.Tensor], max_norm: float, grid: Grid) -> torch.Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` would scale the serial model's gradients
+    by, as a 0-d tensor on the device. The stepper applies it where the gradients are: on the
+    device, or on the host copies when they were handed to a CPU step early (scaling an fp32
+    copy gives the same numbers as scaling on the device and copying)."""
     norm = global_grad_norm(params, grid)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([p.grad for p in params], coef)
-    return norm
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
