@@ -13,17 +13,20 @@ def _pool(n: int):
     pool.close()
 
 
-@pytest.fixture(scope="module")
+# One pool per size for the whole session: starting 8 ranks that import torch and transformers
+# costs ~15 s on two cores, once per module it was a fifth of the suite. A rank function leaves
+# nothing behind (``RankPool.run`` destroys its grid), and a failed or hung one restarts the pool.
+@pytest.fixture(scope="session")
 def pool2():
     yield from _pool(2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool4():
     yield from _pool(4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool8():
     yield from _pool(8)
 

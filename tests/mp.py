@@ -1,9 +1,9 @@
-"""A pool of gloo ranks that lives for a whole test module.
+"""A pool of gloo ranks that lives for a whole test session (``conftest.py``).
 
-Starting 8 Python processes that import torch costs ~10 s on two cores, so ranks start once per
-module and run many test functions. A test hands ``RankPool.run`` a module-level function; every
-rank runs it inside an initialised default process group, then ``autopar.destroy()`` cleans up
-whatever grid the function created. Any rank's exception fails the test with every failing
+Starting 8 Python processes that import torch costs ~10 s on two cores, so ranks start once and
+run the test functions of every module. A test hands ``RankPool.run`` a module-level function;
+every rank runs it inside an initialised default process group, then ``autopar.destroy()`` cleans
+up whatever grid the function created. Any rank's exception fails the test with every failing
 rank's traceback; a rank that does not answer in time fails it too, and the pool is restarted so
 one broken test cannot wedge the next.
 """
