@@ -31,6 +31,7 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_pipeline_memory": "Peak memory per rank (pp and z)",
     "bench_setup": "Group set-up at scale (issue 16.1)",
     "bench_moe": "MoE expert sharding (issue 13.3)",
+    "bench_layer_copies": "Copies and bytes per tensor-parallel layer (issue 14.7)",
 }
 
 
