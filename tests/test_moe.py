@@ -329,3 +329,71 @@ def test_checkpoint_reshards_experts(pool4, tmp_path):
     errors = relative_errors(got["final"], ref["final"], ref["built"])
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-9, f"{worst} off by {errors[worst]:.2e} after resharding x2z2 -> x2y2"
+
+
+def expert_blocks_regathered(impl: str, dtype: torch.dtype) -> dict:
+    """x2 x z2, both ``reshard_after_forward`` settings, 3 steps each: the losses, the bytes of the
+    distinct storages the third step's forward saved for backward (all of them, as seen from
+    outside the experts), the experts' gathered-block bytes, and the most regathered buffers
+    alive at once in backward."""
+    from autopar.intra_layer import regather
+    from autopar.intra_layer.layers import Embedding, ShardedModule
+
+    autopar.init(x=2, z=2)
+    out = {}
+    for reshard in (True, False):
+        instances, most = [], [0]
+        real_init, real_gather = regather.BlockRegather.__init__, regather.BlockRegather.gather_all
+
+        def init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            instances.append(self)
+
+        def gather_all(self):
+            real_gather(self)
+            most[0] = max(most[0], sum(len(r._again) for r in instances))
+
+        regather.BlockRegather.__init__, regather.BlockRegather.gather_all = init, gather_all
+        try:
+            torch.manual_seed(0)
+            with autopar.auto_parallelize(reshard_after_forward=reshard):
+                model = BUILDERS["mixtral"](impl).to(dtype)
+            pieces = [p for m in model.modules() if isinstance(m, ShardedExperts)
+                      for p in m._parameters.values() if spec_of(p) is not None and spec_of(p).depth]
+            # A Linear saves its z piece instead of its gathered block (comm.depth_matmul).
+            linear = [m.weight for m in model.modules() if isinstance(m, ShardedModule)
+                      and not isinstance(m, Embedding) and spec_of(m.weight) is not None and spec_of(m.weight).depth]
+            engine = autopar.parallelize(model, optimizer=_Recording, loss_fn=lm_loss, loss_items=lm_items)
+            storages: dict[int, torch.Tensor] = {}  # kept alive, so no address is reused for another
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                storages[t.untyped_storage().data_ptr()] = t
+                return t
+
+            losses = []
+            for s in range(STEPS):
+                storages.clear()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    losses.append(engine.step(autopar.shard_batch(_batch(s))))
+        finally:
+            regather.BlockRegather.__init__, regather.BlockRegather.gather_all = real_init, real_gather
+        out[reshard] = {"losses": losses, "saved": sum(t.untyped_storage().nbytes() for t in storages.values()),
+                        "most": most[0],
+                        "blocks": sum(p.numel() * 2 * p.element_size() for p in pieces), "pieces": len(pieces),
+                        "linear": sum(p.numel() * p.element_size() for p in linear)}
+    return out
+
+
+@pytest.mark.parametrize("impl,dtype", [("eager", torch.float64), ("grouped_mm", torch.float32)], ids=str)
+def test_expert_blocks_gathered_again_in_backward(pool4, impl, dtype):
+    """Re-gathering (the default) frees every experts module's gathered z blocks after its forward:
+    the saved storages shrink by exactly the blocks' bytes (2 layers, each a gate_up and a down
+    block, z=2) plus, for the Linear layers, a block less a piece each; backward holds one
+    module's blocks at a time, and the numbers do not change."""
+    for got in pool4.run(expert_blocks_regathered, impl, dtype):
+        again, kept = got[True], got[False]
+        assert again["losses"] == kept["losses"], (again["losses"], kept["losses"])
+        assert again["pieces"] == 4 and kept["saved"] - again["saved"] == again["blocks"] + again["linear"], (again, kept)
+        assert again["most"] == 2 and kept["most"] == 0, (again, kept)
+    torch.testing.assert_close(torch.tensor(again["losses"]), torch.tensor(serial("mixtral", dtype, impl)["losses"]),
+                               rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)

@@ -200,10 +200,10 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     through elementwise ops only (an MLP's up/gate -> down) and let them hand over feature
     blocks instead of full activations (``autochain``; logged once). False keeps every layer
     in the full-feature layout.
-    ``reshard_after_forward``: with z > 1, a layer's z-gathered weight block is freed after its
-    forward and gathered again in backward, so weights cost 1/(x*y*z) plus one layer's block at
-    peak; False keeps every block until its backward (1/(x*y) at peak, one gather fewer per
-    layer and step).
+    ``reshard_after_forward``: with z > 1, a layer's (or fused experts module's) z-gathered
+    weight block is freed after its forward and gathered again in backward, so weights cost
+    1/(x*y*z) plus one layer's block at peak; False keeps every block until its backward
+    (1/(x*y) at peak, one gather fewer per layer and step).
     Build the optimizer / ``autopar.parallelize`` after the block.
     """
     current_grid()  # fail early, on every rank, when autopar.init was not called
@@ -238,7 +238,7 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
         _large_outside(live, ours | {id(m) for m, _ in block.serial} | experts.found)
     shard_layers(layers, strict=strict, min_numel=min_numel, foreign=foreign, whole=tuple(whole))
     experts.apply()
-    for layer in layers:
+    for layer in [*layers, *experts.shard]:
         layer.reshard_after_forward = reshard_after_forward
     if chain:  # twins of subclasses add work after the base forward: they keep full features
         exact = set(_swaps.values())

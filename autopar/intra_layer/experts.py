@@ -19,7 +19,9 @@ biases (E, out)); there is no ``nn.Linear`` inside for ``auto`` to catch. They a
   zero-padded, one piece per z rank, all-gathered (``comm.depth_gather``) at every forward on
   every z rank (before any data-dependent routing, so the collectives always match) and its
   gradient reduce-scattered, which sums the z ranks' batch slices; so the pieces' gradients are
-  summed over ``dp`` only. Per rank: 1/(x·y·z) of the expert elements, the grid's ideal.
+  summed over ``dp`` only. Per rank: 1/(x·y·z) of the expert elements, the grid's ideal. The
+  gathered blocks are freed after forward and gathered again in backward (``regather``), as a
+  ``Linear``'s are, unless ``auto_parallelize(reshard_after_forward=False)``.
 
 Nothing is copied or re-laid out between ranks at run time beyond those two all-reduces and the
 depth gather, so expert parallelism with all-to-all (ranks of another axis keep disjoint tokens,
@@ -34,6 +36,7 @@ router is sharded as one).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -43,12 +46,14 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
 from .comm import COUNTER, depth_gather
 from .layers import LoadsFullTensors, gather_full, spec_of
+from .regather import BlockRegather
 
 _INTERFACE = ("hidden_states", "top_k_index", "top_k_weights")
 
@@ -161,6 +166,7 @@ class ShardedExperts(LoadsFullTensors):
     first global expert id held here and how many."""
 
     _autopar_experts: tuple[int, int]
+    reshard_after_forward = True  # False: the gathered z blocks stay saved until backward (regather)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         grid = current_grid()
@@ -173,12 +179,18 @@ class ShardedExperts(LoadsFullTensors):
             top_k_index, top_k_weights = local.masked_fill(off, count), top_k_weights.masked_fill(off, 0)
         pieces = {n: p for n, p in self._parameters.items() if p is not None and spec_of(p) is not None
                   and spec_of(p).depth}
-        for name, p in pieces.items():  # every z rank gathers every time: no routing decides it
-            self._parameters[name] = depth_gather(p, grid, spec_of(p).block_shape)
+        blocks = {n: depth_gather(p, grid, spec_of(p).block_shape) for n, p in pieces.items()}  # every z rank,
+        self._parameters.update(blocks)  # every time: no routing decides it
+        regather = None
+        if self.reshard_after_forward and blocks and torch.is_grad_enabled() and not is_fake(next(iter(blocks.values()))):
+            regather = BlockRegather(grid, pieces, blocks)
         try:
-            out = super().forward(hidden_states, top_k_index, top_k_weights)
+            with regather.saving() if regather is not None else contextlib.nullcontext():
+                out = super().forward(hidden_states, top_k_index, top_k_weights)
         finally:
             self._parameters.update(pieces)
+        if regather is not None:
+            out = regather.gather_first(out)
         return _SumOut.apply(out, grid) if split else out
 
     def autopar_full_state(self) -> dict[str, Tensor]:
