@@ -329,3 +329,32 @@ def bad_precision() -> list[str]:
 def test_bad_precision_raises(pool4):
     messages = pool4.run(bad_precision)[0]
     assert "'fp8'" in messages[0] and "('fp32', 'bf16', 'fp16')" in messages[0], messages[0]
+
+
+def autocast_output_dtypes() -> list[tuple[str, torch.dtype, torch.dtype, float]]:
+    """x2 x y2, full-feature layout: each biased layer kind under bf16 autocast, serial and
+    parallel from one seed on one input: (layer, serial dtype, parallel dtype, max |difference|)."""
+    from transformers.pytorch_utils import Conv1D
+
+    autopar.init(x=2, y=2)
+    makers = {"Linear": lambda: nn.Linear(8, 12), "Conv1D": lambda: Conv1D(12, 8)}
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    out = []
+    for name, make in makers.items():
+        torch.manual_seed(0)
+        serial = make()
+        torch.manual_seed(0)
+        with autopar.auto_parallelize(chain=False):
+            par = make()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = serial(x), par(x)
+        out.append((name, a.dtype, b.dtype, float((a.float() - b.float()).abs().max())))
+    return out
+
+
+def test_autocast_keeps_the_serial_output_dtype(pool4):
+    """F.linear under autocast casts the bias too: a parallel layer's output is bf16 like the
+    serial one's (an fp32 bias add made it fp32, so the next gather moved twice the bytes)."""
+    for name, serial, parallel, diff in pool4.run(autocast_output_dtypes)[0]:
+        assert serial == parallel == torch.bfloat16, (name, serial, parallel)
+        assert diff < 2e-2, (name, diff)  # a bf16 ulp or two at these magnitudes

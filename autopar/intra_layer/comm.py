@@ -136,12 +136,19 @@ def _block(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
     return flat[:math.prod(shape)].view(shape)
 
 
-def _scatter_block_grad(g: Tensor, grid: Grid, numel: int) -> Tensor:
-    """This z rank's piece of the block gradient summed over z; ``numel``: the padded flat size."""
-    n = grid.size("z")
-    flat = g.new_zeros(numel)
-    flat[:g.numel()] = g.reshape(-1)
-    piece = g.new_empty(numel // n)
+def _scatter_block_grad(g: Tensor, grid: Grid, numel: int, dtype: torch.dtype | None = None) -> Tensor:
+    """This z rank's piece of the block gradient summed over z, in ``dtype`` (default: ``g``'s);
+    ``numel``: the padded flat size. A contiguous gradient of the right size and dtype is reduced
+    as it is; otherwise one copy makes the flat buffer, casting on the way, and only the
+    padding tail is zeroed."""
+    n, dtype = grid.size("z"), dtype or g.dtype
+    if g.numel() == numel and g.dtype == dtype and g.is_contiguous():
+        flat = g.view(-1)
+    else:
+        flat = g.new_empty(numel, dtype=dtype)
+        flat[:g.numel()].copy_(g.reshape(-1))
+        flat[g.numel():].zero_()
+    piece = flat.new_empty(numel // n)
     reduce_scatter_flat(piece, flat, group=grid.group("z"))
     COUNTER.add("reduce_scatter[z]", flat, n)
     return piece
@@ -227,7 +234,7 @@ class _DepthMatmul(torch.autograd.Function):
         if gw is not None:
             # Reduced in the parameter's dtype (fp32 under bf16 autocast), as the unfused chain
             # reduced it after autograd's cast back.
-            piece_grad = _scatter_block_grad(gw.to(ctx.piece_dtype), ctx.grid, ctx.numel)
+            piece_grad = _scatter_block_grad(gw, ctx.grid, ctx.numel, ctx.piece_dtype)
         return gt, piece_grad, None, None, None, None, None, None
 
 

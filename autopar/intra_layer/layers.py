@@ -164,6 +164,8 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     if bias is None:
         return h if layer.out_sharded else gather_last(h, grid, out_axis)
     whole = spec_of(bias) is None  # y = 1, or tied to a module that is not a parallel layer
+    if bias.dtype != h.dtype:  # autocast: F.linear casts the bias too, so the output keeps bf16
+        bias = bias.to(h.dtype)
     if out_axis == "y":
         if whole and grid.size("y") > 1:
             bias = slice_last(bias, grid, "y")
