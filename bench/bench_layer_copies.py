@@ -31,7 +31,10 @@ elements of the (y, x) block, a = 4 bytes in fp32, 2 under bf16 (activations and
     all-reduce dx over y     2(y-1)/y * T*I/x * a     |   reshard_after_forward: W gathered again
     reduce-scatter dW over z  (z-1)/z * W * 4 (fp32)  |   over z in backward     (z-1)/z * W * a
 comm.py issues exactly these collectives: in fp32 measured = analytic on every grid; under bf16
-the output's y all-gather and dx's x all-gather go in fp32 (the notes on the autograd engine's casts).
+dx's x all-gather goes in fp32 (the notes on the autograd engine's casts). This bench found two
+defects, since fixed: the bias was added in fp32 under autocast (the output was fp32, unlike
+serial, and its y all-gather sent twice the bytes), and the z gradient reduce-scatter zero-filled
+and copied a full-size buffer even when the gradient itself would do.
 
 Analytic minimum of copies per rank. fp32: none but one re-layout per last-dim all-gather
 (gloo/NCCL land the pieces rank-major; moving them to the last dim is one copy of the gathered
@@ -70,22 +73,19 @@ VERDICTS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("comm.py", "_gather_last", "clone"): ("min", "re-layout of a last-dim all-gather (rank-major -> features last)"),
     ("comm.py", "forward", "clone"): ("avoidable", "_AllReduce.forward clones the matmul's fresh output to all-reduce "
                                       "it in place (mark_dirty would not; kept because torch.compile refuses it)"),
-    ("comm.py", "_scatter_block_grad", "new_zeros"): ("avoidable", "zero-padded flat buffer for the reduce-scatter: "
-                                                      "W divides by z here, the grad's own flat view would do"),
-    ("comm.py", "_scatter_block_grad", "copy_"): ("avoidable", "the block grad copied into that padded buffer"),
+    ("comm.py", "_scatter_block_grad", "zero_"): ("min", "the padding tail of the reduce-scatter's flat buffer "
+                                                  "(empty when W divides by z)"),
+    ("comm.py", "_scatter_block_grad", "copy_"): ("min", "the bf16 dW block cast into the fp32 flat buffer of "
+                                                  "the reduce-scatter (fp32 dW is reduced in place)"),
     ("comm.py", "forward", "_to_copy"): ("min", "autocast casts of the matmul operands (input slice; z = 1: block)"),
     ("comm.py", "start_depth_gather", "_to_copy"): ("min+avoidable", "weight piece cast to bf16 before its gather; "
                                                     "the backward re-gather casts the saved fp32 piece again "
                                                     "(saving the bf16 piece, W/z*2 bytes, would not)"),
-    ("comm.py", "backward", "_to_copy"): ("min", "dW to fp32 for the reduce-scatter (fusable with the padded copy)"),
     ("C++", "autograd engine", "_to_copy->float32"): ("min", "cast-backs to the fp32 inputs (dx slice; z = 1: dW); "
                                                       "the dx slice is cast before the x all-gather, so that "
                                                       "gather sends fp32 (bf16 'sent' excess, x > 1)"),
-    ("C++", "autograd engine", "_to_copy->bfloat16"): ("avoidable", "the output's grad cast to bf16: linear_3d's "
-                                                       "`h = h + bias` (layers.py) adds the fp32 bias to the bf16 "
-                                                       "matmul, so the output is fp32 (serial: bf16), the y "
-                                                       "all-gather sends fp32 (bf16 'sent' excess, y > 1) and its "
-                                                       "re-layout (a) copies fp32"),
+    ("layers.py", "linear_3d", "_to_copy"): ("min", "the bias cast to the matmul's dtype, as F.linear's autocast "
+                                             "casts it"),
     ("linear.py", "forward", "_to_copy"): ("min", "autocast casts of input, weight and bias (F.linear)"),
     ("diagnostics.py", "wait", "copy_"): ("backend", "gloo's reduce_scatter_single copies its result into the "
                                           "output at Work.wait (c10d's, not autopar's)"),
