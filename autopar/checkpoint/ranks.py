@@ -15,6 +15,7 @@ asynchronous save, so the group is never used by two threads at once.
 from __future__ import annotations
 
 import os
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +27,9 @@ from ..runtime.state import current_grid, is_initialized
 from .storage import CheckpointError
 
 CHECKPOINT_TIMEOUT_S = 1800.0
-_group: tuple[Grid, dist.ProcessGroup] | None = None
+# Weak both ways: after ``destroy`` neither the old grid (and through it every axis group) nor
+# the checkpoint group may stay alive, or their gloo threads keep running in a long process.
+_group: tuple[weakref.ref[Grid], weakref.ref[dist.ProcessGroup]] | None = None
 
 
 def checkpoint_timeout() -> timedelta:
@@ -44,12 +47,11 @@ def checkpoint_group() -> dist.ProcessGroup | None:
     if not is_initialized() or current_grid().world_size == 1:
         return None
     grid = current_grid()
-    if _group is None or _group[0] is not grid:
-        group = dist.new_group(backend="gloo", timeout=checkpoint_timeout())
-        # state.new_group has no timeout parameter; its teardown list is the one destroy() walks.
-        state._extra_groups.append(group)
-        _group = (grid, group)
-    return _group[1]
+    group = _group[1]() if _group is not None and _group[0]() is grid else None
+    if group is None:
+        group = state.new_group(backend="gloo", timeout=checkpoint_timeout())
+        _group = (weakref.ref(grid), weakref.ref(group))
+    return group
 
 
 class Ranks:

@@ -45,6 +45,8 @@ the last backward is the 1/n shards, not the full gradients.
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -129,6 +131,12 @@ class Bucket:
         self.ready = 0
 
 
+def _on_grad(buckets: "weakref.ref[GradBuckets]", p: nn.Parameter) -> None:
+    live = buckets()
+    if live is not None:
+        live._on_grad(p)
+
+
 def _bucket_key(p: nn.Parameter, zero: int, last: set[int]) -> tuple:
     """Parameters in one bucket must reduce over the same group with the same dtype, and be
     launched at the same time. Under ZeRO a bucket shard becomes one optimizer parameter whose
@@ -195,8 +203,12 @@ class GradBuckets:
         self._arrival: list[nn.Parameter] = []
         order = self.reduced[::-1]
         self.buckets = self._make_buckets(_plan(order, zero, self._cap, self._last))
+        # Weakly: a parameter's hooks are owned by its C++ tensor, which gc cannot see through
+        # while anything else in C++ shares it, so a strong hook kept these buckets, and through
+        # them every process group of their grid, alive after the engine and the grid were gone.
+        me = weakref.ref(self)
         for p in self.reduced:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+            p.register_post_accumulate_grad_hook(functools.partial(_on_grad, me))
         if zero:
             shard_buckets(self.buckets, zero)
 

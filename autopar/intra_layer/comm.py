@@ -9,8 +9,9 @@ batch slices, so the adjoint of the weight all-gather is a reduce-scatter that s
     gather_last  (all-gather of last dim)   <->  slice
     all_reduce   (sum over partial results) <->  identity
     depth_gather (all-gather a flat weight) <->  reduce-scatter of its gradient
-    matmul       (x @ w.T, identity)        <->  all-reduce of dx over the other axis, overlapped
-                                                 with the weight-gradient matmul
+    matmul       (x @ w.T, its partial sums   <->  all-reduce of dx over the other axis, overlapped
+                  all-reduced in place)              with the weight-gradient matmul; the sum's
+                                                     adjoint is the identity
     depth_matmul (gather over z, then matmul) <-> gather again, matmul's adjoint, reduce-scatter
 
 ``depth_matmul`` exists for memory, not for communication: chained as ``matmul(depth_gather())``
@@ -169,10 +170,13 @@ def matmul_dtype(weight: Tensor) -> torch.dtype:
 
 class _Matmul(torch.autograd.Function):
     """``t @ w.T`` (``t @ w`` when ``transposed``) whose input gradient is all-reduced over
-    ``axis`` while the weight gradient is computed."""
+    ``axis`` while the weight gradient is computed, and whose partial sums are all-reduced over
+    ``sum_axis``: in place, on the product this Function just made, so no copy is needed (a
+    separate all-reduce Function must copy its input, see ``_AllReduce``)."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool) -> Tensor:
+    def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool,
+                sum_axis: str | None) -> Tensor:
         dtype = _autocast_dtype(t.device)
         if dtype is not None:
             # Cast as autocast casts a matmul, and save the cast operands: backward runs outside
@@ -181,13 +185,19 @@ class _Matmul(torch.autograd.Function):
             t, w = t.to(dtype), w.to(dtype)
         ctx.save_for_backward(t, w)
         ctx.grid, ctx.axis, ctx.transposed = grid, axis, transposed
-        return t @ w if transposed else t @ w.t()
+        return _summed(t @ w if transposed else t @ w.t(), grid, sum_axis)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         t, w = ctx.saved_tensors
         gt, gw = _matmul_grads(ctx, g, t, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gt, gw, None, None, None
+        return gt, gw, None, None, None, None
+
+
+def _summed(out: Tensor, grid: Grid, axis: str | None) -> Tensor:
+    if axis is not None:
+        _all_reduce(out, grid, axis)
+    return out
 
 
 def _matmul_grads(ctx: Any, g: Tensor, t: Tensor, w: Tensor, want_t: bool,
@@ -214,7 +224,7 @@ class _DepthMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, piece: Tensor, grid: Grid, axis: str | None, transposed: bool,
-                shape: tuple[int, ...], gathered: Tensor | None, keep: bool) -> Tensor:
+                shape: tuple[int, ...], gathered: Tensor | None, keep: bool, sum_axis: str | None) -> Tensor:
         dtype = _autocast_dtype(t.device)
         if dtype is not None:
             t = t.to(dtype)
@@ -223,7 +233,7 @@ class _DepthMatmul(torch.autograd.Function):
         ctx.save_for_backward(t, w if keep else piece)
         ctx.grid, ctx.axis, ctx.transposed, ctx.shape, ctx.dtype, ctx.keep = grid, axis, transposed, shape, dtype, keep
         ctx.numel, ctx.piece_dtype = flat.numel(), piece.dtype
-        return t @ w if transposed else t @ w.t()
+        return _summed(t @ w if transposed else t @ w.t(), grid, sum_axis)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -235,7 +245,7 @@ class _DepthMatmul(torch.autograd.Function):
             # Reduced in the parameter's dtype (fp32 under bf16 autocast), as the unfused chain
             # reduced it after autograd's cast back.
             piece_grad = _scatter_block_grad(gw, ctx.grid, ctx.numel, ctx.piece_dtype)
-        return gt, piece_grad, None, None, None, None, None, None
+        return gt, piece_grad, None, None, None, None, None, None, None
 
 
 def drop_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
@@ -269,14 +279,19 @@ def depth_gather(piece: Tensor, grid: Grid, shape: tuple[int, ...], gathered: Te
     return piece.view(shape)
 
 
-def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool) -> Tensor:
-    axis = reduce_axis if grid.size(reduce_axis) > 1 else None
-    return _Matmul.apply(t, w, grid, axis, transposed)
+def _used(grid: Grid, axis: str | None) -> str | None:
+    return axis if axis is not None and grid.size(axis) > 1 else None
+
+
+def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool, sum_axis: str | None = None) -> Tensor:
+    """``reduce_axis``: the input gradient's all-reduce; ``sum_axis``: the output's."""
+    return _Matmul.apply(t, w, grid, _used(grid, reduce_axis), transposed, _used(grid, sum_axis))
 
 
 def depth_matmul(t: Tensor, piece: Tensor, grid: Grid, reduce_axis: str, transposed: bool,
-                 shape: tuple[int, ...], gathered: Tensor | None = None, keep: bool = False) -> Tensor:
+                 shape: tuple[int, ...], gathered: Tensor | None = None, keep: bool = False,
+                 sum_axis: str | None = None) -> Tensor:
     """``matmul`` with the weight block all-gathered over z from ``piece`` (z > 1); ``gathered``
     a prefetched flat buffer in ``matmul_dtype(piece)``; ``keep`` saves the block for backward."""
-    axis = reduce_axis if grid.size(reduce_axis) > 1 else None
-    return _DepthMatmul.apply(t, piece, grid, axis, transposed, shape, gathered, keep)
+    return _DepthMatmul.apply(t, piece, grid, _used(grid, reduce_axis), transposed, shape, gathered, keep,
+                              _used(grid, sum_axis))

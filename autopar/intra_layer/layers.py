@@ -108,12 +108,14 @@ class ShardedModule(LoadsFullTensors):
         gathered = self._prefetched(grid) if grid.size("z") > 1 else None
         return depth_gather(self.weight, grid, spec.block_shape, gathered)
 
-    def block_matmul(self, h: Tensor, spec: ShardSpec, grid: Grid, reduce_axis: str, transposed: bool) -> Tensor:
-        """``h`` times this rank's weight block, its input gradient all-reduced over ``reduce_axis``."""
+    def block_matmul(self, h: Tensor, spec: ShardSpec, grid: Grid, reduce_axis: str, transposed: bool,
+                     sum_axis: str) -> Tensor:
+        """``h`` times this rank's weight block, summed over ``sum_axis`` (the input features'),
+        its input gradient all-reduced over ``reduce_axis``."""
         if grid.size("z") == 1:
-            return matmul(h, self.weight.view(spec.block_shape), grid, reduce_axis, transposed)
+            return matmul(h, self.weight.view(spec.block_shape), grid, reduce_axis, transposed, sum_axis)
         return depth_matmul(h, self.weight, grid, reduce_axis, transposed, spec.block_shape,
-                            self._prefetched(grid), keep=not self.reshard_after_forward)
+                            self._prefetched(grid), keep=not self.reshard_after_forward, sum_axis=sum_axis)
 
     def autopar_full_state(self) -> dict[str, Tensor]:
         grid = current_grid()
@@ -158,8 +160,7 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     grid = current_grid()
     out_axis, in_axis = feature_axes(spec, transposed)
     h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
-    h = layer.block_matmul(h, spec, grid, out_axis, transposed)
-    h = all_reduce(h, grid, in_axis)
+    h = layer.block_matmul(h, spec, grid, out_axis, transposed, sum_axis=in_axis)
     bias = layer.bias
     if bias is None:
         return h if layer.out_sharded else gather_last(h, grid, out_axis)

@@ -112,10 +112,13 @@ def current_grid() -> Grid:
     return _grid
 
 
-def new_group(ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+def new_group(ranks: list[int] | None = None, backend: str | None = None,
+              timeout: timedelta | None = None) -> dist.ProcessGroup:
     """A process group beyond the grid's axis groups (say, the stages that share a tied weight),
-    with the grid's collective timeout, torn down by ``destroy``. Collective over the world."""
-    group = dist.new_group(ranks, timeout=_timeout_td, backend=backend)
+    with the grid's collective timeout unless given, torn down by ``destroy``. Collective over
+    the world. Hold it weakly where it outlives a grid: the list ``destroy`` empties is what keeps
+    it, and a destroyed gloo group's threads run until its last reference goes."""
+    group = dist.new_group(ranks, timeout=timeout or _timeout_td, backend=backend)
     if group != dist.GroupMember.NON_GROUP_MEMBER:
         _extra_groups.append(group)
     return group
