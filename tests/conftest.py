@@ -4,31 +4,46 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mp import RankPool  # noqa: E402
-
-
-def _pool(n: int):
-    pool = RankPool(n)
-    yield pool
-    pool.close()
+from mp import IDLE_THREADS, RankPool  # noqa: E402
 
 
 # One pool per size for the whole session: starting 8 ranks that import torch and transformers
 # costs ~15 s on two cores, once per module it was a fifth of the suite. A rank function leaves
 # nothing behind (``RankPool.run`` destroys its grid), and a failed or hung one restarts the pool.
+_POOLS: list[RankPool] = []
+
+
+def _pool_session(n: int):
+    pool = RankPool(n)
+    _POOLS.append(pool)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture(scope="session")
 def pool2():
-    yield from _pool(2)
+    yield from _pool_session(2)
 
 
 @pytest.fixture(scope="session")
 def pool4():
-    yield from _pool(4)
+    yield from _pool_session(4)
 
 
 @pytest.fixture(scope="session")
 def pool8():
-    yield from _pool(8)
+    yield from _pool_session(8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_leaky_pools():
+    """After each module, a pool whose ranks hold leaked gloo threads is closed (started again
+    when next needed): idle, those threads would poll through every later module."""
+    yield
+    for pool in _POOLS:
+        if pool.threads > IDLE_THREADS:
+            pool.close()
+            pool.threads = 0
 
 
 _module_seconds: dict[str, float] = {}
