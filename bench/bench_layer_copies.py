@@ -34,7 +34,8 @@ comm.py issues exactly these collectives: in fp32 measured = analytic on every g
 dx's x all-gather goes in fp32 (the notes on the autograd engine's casts). This bench found two
 defects, since fixed: the bias was added in fp32 under autocast (the output was fp32, unlike
 serial, and its y all-gather sent twice the bytes), and the z gradient reduce-scatter zero-filled
-and copied a full-size buffer even when the gradient itself would do.
+and copied a full-size buffer even when the gradient itself would do. A third, the clone before
+each x all-reduce, went when the all-reduce moved into the matmul's own autograd Function.
 
 Analytic minimum of copies per rank. fp32: none but one re-layout per last-dim all-gather
 (gloo/NCCL land the pieces rank-major; moving them to the last dim is one copy of the gathered
@@ -71,8 +72,6 @@ IN, OUT, BATCH, SEQ = 256, 1024, 8, 32
 # "backend" (the transport's, not autopar's). The first match wins: op with its dtype, then bare.
 VERDICTS: dict[tuple[str, str, str], tuple[str, str]] = {
     ("comm.py", "_gather_last", "clone"): ("min", "re-layout of a last-dim all-gather (rank-major -> features last)"),
-    ("comm.py", "forward", "clone"): ("avoidable", "_AllReduce.forward clones the matmul's fresh output to all-reduce "
-                                      "it in place (mark_dirty would not; kept because torch.compile refuses it)"),
     ("comm.py", "_scatter_block_grad", "zero_"): ("min", "the padding tail of the reduce-scatter's flat buffer "
                                                   "(empty when W divides by z)"),
     ("comm.py", "_scatter_block_grad", "copy_"): ("min", "the bf16 dW block cast into the fp32 flat buffer of "
