@@ -20,7 +20,7 @@ from typing import Any, Callable
 GRACE_S = 15.0  # how long the other ranks may still take after one rank failed
 # A rank whose thread count passes this is restarted before the next test: destroyed gloo groups
 # that something still references keep their transport threads, and on a 2-core machine those
-# threads' polling slows every later test (pipeline runs still leak a few groups; see the note).
+# threads' polling slows every later test (none is known to leak now; this is the backstop).
 RESTART_THREADS = 40
 IDLE_THREADS = 16  # a pool left idle (between modules) with more than this is closed: its leaked threads spin
 
@@ -50,11 +50,16 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
             autopar.destroy()
         except BaseException:  # noqa: BLE001
             result = (False, f"autopar.destroy() failed after the test:\n{traceback.format_exc()}")
-        outbox.put((rank, *result, _threads()))
+        outbox.put((rank, *result, thread_count()))
     dist.destroy_process_group()
 
 
-def _threads() -> int:
+GROUP_THREADS = 3
+"""Threads a live gloo group holds (two run loops and one TCP loop): a test whose rank ends with
+this many more threads than it started with has left a destroyed group alive."""
+
+
+def thread_count() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:  # not Linux: never restart for threads

@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 
 import autopar
+from mp import GROUP_THREADS, thread_count
 
 VOCAB = 64
 
@@ -59,6 +60,7 @@ def compiled_equals_serial(grid: dict, when: str) -> dict:
         ref.append(loss.item())
     torch._dynamo.reset()
     counters.clear()
+    threads = thread_count()
     autopar.init(**grid)
     try:
         model = _llama(True)
@@ -72,9 +74,13 @@ def compiled_equals_serial(grid: dict, when: str) -> dict:
         full = autopar.full_state_dict(engine)
         assert set(full) == set(ser.state_dict()), "state dict names must be the serial model's"
         graphs = counters["stats"]["unique_graphs"]
+        del engine, model
     finally:
         autopar.destroy()
-        torch._dynamo.reset()
+    # Dynamo keeps compiled graphs (and the groups they captured) as globals of the compiled
+    # functions' modules; destroy() must drop them.
+    leaked = thread_count() - threads
+    assert leaked < GROUP_THREADS, f"{grid}: {leaked} more threads after destroy(): a process group is still alive"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-12, atol=1e-12)
     worst = max(float((full[k] - v).norm() / (v - start[k]).norm())
                 for k, v in ser.state_dict().items() if (v - start[k]).norm() > 0)

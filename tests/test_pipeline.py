@@ -13,6 +13,7 @@ from torch import nn
 import autopar
 from autopar.pipeline import SCHEDULES, build_schedule, partition
 from autopar.pipeline.zero_bubble import backward_input, backward_weight
+from mp import GROUP_THREADS, thread_count
 from pipeline_models import batch, build
 from serial import hf_call, output_loss, train_serial
 
@@ -279,15 +280,21 @@ def test_pp2_dp2_every_schedule(pool4):
 
 def _with_tensor_parallel(name: str, schedule: str, x: int, y: int) -> None:
     """Tensor-parallel layers (built under auto_parallelize) inside the stages: the pipeline
-    only moves modules, so they keep their sharded weights and paired collectives."""
+    only moves modules, so they keep their sharded weights and paired collectives. After
+    ``destroy`` no group is left alive (the stage trace once pinned every tensor-parallel group
+    through FakeTensorMode's dispatch cache)."""
     opt = _optimizer("sgd")
+    threads = thread_count()
     autopar.init(pp=2, x=x, y=y)
     with autopar.auto_parallelize():
         model = build(name, 4)
     engine = autopar.parallelize(model, optimizer=opt, num_microbatches=2, schedule=schedule)
     losses = [engine.step(autopar.shard_batch(batch(name, GLOBAL_BATCH, seed=s + 1))) for s in range(3)]
     full = autopar.full_state_dict(engine)
+    del engine, model
     autopar.destroy()
+    leaked = thread_count() - threads
+    assert leaked < GROUP_THREADS, f"{leaked} more threads after destroy(): a process group is still alive"
     ref_losses, ref = _serial(name, 4, "sgd", 3, None)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     assert set(full) == set(ref)

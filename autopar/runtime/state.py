@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import random
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -122,6 +123,31 @@ def new_group(ranks: list[int] | None = None, backend: str | None = None,
     if group != dist.GroupMember.NON_GROUP_MEMBER:
         _extra_groups.append(group)
     return group
+
+
+def _forget_compiled_graphs() -> None:
+    """Drop what ``torch.compile`` built around the destroyed groups. Dynamo stores each compiled
+    piece of a function as a ``__compiled_fn_*`` / ``__resume_at_*`` global of that function's
+    module (here ``autopar.intra_layer.layers`` and ``comm``, which graph-break around the
+    collectives), and ``torch._dynamo.reset()`` empties its caches but not those globals; the graphs
+    keep their process groups, and FakeTensorMode's process-wide dispatch cache keys on the ops'
+    arguments, groups included. Either way a destroyed gloo group (three threads, one polling every
+    10 ms) stayed alive for the life of the process. Compiled code is only valid for the grid it
+    was traced on, so a later ``init`` recompiles anyway."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "autopar" or name.startswith("autopar.")):
+                continue
+            namespace = vars(module)
+            for key in [k for k in namespace if k.startswith(("__compiled_fn_", "__resume_at_"))]:
+                # Not ``del``: Dynamo's own clean-up hook deletes the name when the code dies.
+                namespace[key] = None
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    cache = getattr(getattr(fake, "FakeTensorMode", None), "cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
 
 
 def is_initialized() -> bool:
@@ -263,6 +289,7 @@ def destroy() -> None:
             dist.destroy_process_group()
     _grid, _owns_world = None, False
     _extra_groups.clear()
+    _forget_compiled_graphs()
     # A destroyed gloo group keeps its transport threads until the last reference dies, and
     # parallelised models reach their groups through reference cycles (modules <-> hooks):
     # collect now, or a process that re-initialises many times piles up spinning threads.
