@@ -171,3 +171,34 @@ def slurm() -> dict[str, str]:
         for pidfile in reversed(pidfiles):
             _stop(pidfile)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def job_state(env: dict[str, str], job: str) -> tuple[str, int]:
+    """(state, exit code of the batch script) of ``job``; ("GONE", -1) once Slurm forgot it."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+    if "JobState" not in fields:
+        return "GONE", -1
+    return fields["JobState"], int(fields.get("ExitCode", "0:0").split(":")[0])
+
+
+def wait_job(env: dict[str, str], job: str, timeout: float = TIMEOUT_S) -> tuple[str, int]:
+    """Poll ``job`` every 0.2 s until it ends. Not ``sbatch -W``: that polls with growing sleeps
+    and returned 10 s after a job that ran 0.1 s."""
+    deadline = time.monotonic() + timeout
+    while (state := job_state(env, job))[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job], env=env, timeout=30)
+            pytest.fail(f"job {job} still {state[0]} after {timeout} s")
+        time.sleep(0.2)
+    return state
+
+
+def sbatch(args: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """Submit ``sbatch args`` and wait for the job: (the batch script's exit code, sbatch's output)."""
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    if out.returncode:
+        return out.returncode, out.stdout + out.stderr
+    state, code = wait_job(env, out.stdout.strip().split(";")[0], timeout)
+    return (0 if state == "COMPLETED" else code or 1), out.stdout + out.stderr + f"job {state}\n"

@@ -11,6 +11,8 @@ it matters most: with pp > 1 the buckets complete during the last backward of th
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -30,7 +32,9 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, eps=1e-6, weight_decay=0.01)
 
 
+@functools.lru_cache(maxsize=None)
 def _serial(name: str, clip: float | None):
+    """Cached: the pool's ranks live for the session and grids share serial runs (7 for 17 cases)."""
     batches = [batch(name, GLOBAL_BATCH, seed=s + 1) for s in range(STEPS)]
     return train_serial(build(name), batches, _adamw, output_loss, clip, call=hf_call)[:2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm import REPO, clean_env, free_ports, run, slurm  # noqa: F401 (slurm: fixture)
+from slurm import REPO, clean_env, free_ports, run, sbatch, slurm  # noqa: F401 (slurm: fixture)
 
 LAUNCH = REPO / "examples" / "launch"
 TINY = "--steps 2 --global-batch 4 --seq-len 16 --layers 2 --hidden 32 --heads 4"
@@ -42,8 +42,8 @@ def test_every_user_line_is_commented(path):
 
 def test_sbatch_cpu_one_node(slurm, tmp_path):  # noqa: F811
     out = tmp_path / "m.csv"
-    rc, log = run(["sbatch", "-W", f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_1node.sbatch")],
-                  {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
+    rc, log = sbatch([f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_1node.sbatch")],
+                     {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
     job = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert rc == 0, log + job
     assert "[autopar] srun:" in job and "launcher=slurm world=4" in job, job
@@ -53,9 +53,9 @@ def test_sbatch_cpu_one_node(slurm, tmp_path):  # noqa: F811
 def test_sbatch_cpu_multinode_on_one_node(slurm, tmp_path):  # noqa: F811
     """The several-node script on the one node we have: 2 tasks on 1 node make pp=1 x x=2."""
     out = tmp_path / "m.csv"
-    rc, log = run(["sbatch", "-W", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--overcommit",
-                   f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_multinode.sbatch")],
-                  {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
+    rc, log = sbatch(["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--overcommit",
+                      f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_multinode.sbatch")],
+                     {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
     job = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert rc == 0, log + job
     assert "AUTOPAR_GRID=pp=1,x=2" in job, job

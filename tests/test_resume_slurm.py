@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from slurm import REPO, slurm  # noqa: F401 (slurm: fixture)
+import pytest
+
+from slurm import REPO, slurm, wait_job  # noqa: F401 (slurm: fixture)
 
 SCRIPT = REPO / "examples" / "launch" / "slurm_cpu_1node.sbatch"
 STEPS = 60
@@ -32,22 +34,11 @@ def _submit(env: dict[str, str], folder: Path) -> str:
     return out.stdout.strip().split(";")[0]
 
 
-def _state(env: dict[str, str], job: str) -> str:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
-    for field in out.stdout.split():
-        if field.startswith("JobState="):
-            return field.removeprefix("JobState=")
-    return "GONE"
-
-
 def _wait(env: dict[str, str], job: str, folder: Path, timeout: float = 500) -> str:
-    deadline = time.monotonic() + timeout
-    while (state := _state(env, job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job], env=env, timeout=30)
-            raise AssertionError(f"job {job} still {state} after {timeout} s:\n{_log(folder)}")
-        time.sleep(0.5)
-    return state
+    try:
+        return wait_job(env, job, timeout)[0]
+    except pytest.fail.Exception as e:
+        raise AssertionError(f"{e}:\n{_log(folder)}") from None
 
 
 def _log(folder: Path) -> str:
