@@ -32,6 +32,7 @@ CAPABILITIES = {  # bench script stem -> section title
     "bench_setup": "Group set-up at scale (issue 16.1)",
     "bench_moe": "MoE expert sharding (issue 13.3)",
     "bench_layer_copies": "Copies and bytes per tensor-parallel layer (issue 14.7)",
+    "bench_vocab_loss": "The LM loss on vocabulary shards vs gathered logits (issue 14.6)",
 }
 
 
