@@ -35,14 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import socket
 import time
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
 import autopar
@@ -50,6 +47,7 @@ from autopar.intra_layer import comm, prefetch
 from autopar.offload import ActivationMeter
 from autopar.pipeline.comm import P2P
 from tables import table  # bench/ is on sys.path: the scripts run as files
+from world import spawn_gloo
 
 WORLD = 4
 ROWS = 16  # global batch
@@ -205,11 +203,8 @@ def _rows(results: list[tuple[dict[str, int], bool, list[dict[str, int]]]], full
     return out
 
 
-def worker(rank: int, port: int, args: argparse.Namespace) -> None:
+def worker(rank: int, args: argparse.Namespace) -> None:
     """Every grid in turn on one world (imports once); rank 0 prints the table."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     full = sum(p.numel() * p.element_size() for p in _model(args).parameters())
     results, start = [], time.perf_counter()
     for grid, sample in GRIDS:
@@ -232,7 +227,6 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
               "activations exclude those blocks. Params held after parallelize without sample_batch are the "
               "host-side model until the first forward splits it; the device then receives the stage only. "
               f"wall time {time.perf_counter() - start:.0f} s")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -241,7 +235,4 @@ if __name__ == "__main__":
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--seq", type=int, default=32)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, args), nprocs=WORLD)
+    spawn_gloo(worker, WORLD, args)

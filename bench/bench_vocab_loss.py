@@ -20,20 +20,18 @@ library without a vocabulary-parallel loss does. Per rank and step it reports
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import autopar
 from autopar.intra_layer.comm import COUNTER
 from tables import table  # bench/ is on sys.path: the scripts run as files
+from world import spawn_gloo
 
 WORLD = 4
 ROWS = 8  # global batch
@@ -121,11 +119,8 @@ def _rows(results: list[tuple[dict, bool, list[dict]]], ref: list[float], args: 
     return out
 
 
-def worker(rank: int, port: int, args: argparse.Namespace) -> None:
+def worker(rank: int, args: argparse.Namespace) -> None:
     """Every grid and both losses on one world (imports once); rank 0 prints the table."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     start = time.perf_counter()
     ref = _serial_losses(args) if rank == 0 else []
     results = []
@@ -149,7 +144,6 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
               "paths differ by exactly the logits' all-gather. y all-reduce: the layers' input-gradient "
               "all-reduces plus, on shards, the loss's. Peak: tensors allocated inside the step (activations, "
               f"temporaries, gradients), MemTracker. wall time {time.perf_counter() - start:.0f} s")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -159,7 +153,4 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, args), nprocs=WORLD)
+    spawn_gloo(worker, WORLD, args)
