@@ -182,11 +182,15 @@ def job_state(env: dict[str, str], job: str) -> tuple[str, int]:
     return fields["JobState"], int(fields.get("ExitCode", "0:0").split(":")[0])
 
 
+# Slurm's final job states (a requeued job passes through REQUEUED and PENDING, which are not).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "GONE")
+
+
 def wait_job(env: dict[str, str], job: str, timeout: float = TIMEOUT_S) -> tuple[str, int]:
     """Poll ``job`` every 0.2 s until it ends. Not ``sbatch -W``: that polls with growing sleeps
     and returned 10 s after a job that ran 0.1 s."""
     deadline = time.monotonic() + timeout
-    while (state := job_state(env, job))[0] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+    while (state := job_state(env, job))[0] not in ENDED:
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job], env=env, timeout=30)
             pytest.fail(f"job {job} still {state[0]} after {timeout} s")
