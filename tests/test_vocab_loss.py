@@ -204,6 +204,6 @@ def refusals() -> list[str]:
     return messages
 
 
-def test_vocab_parallel_loss_refuses_what_it_cannot_do(pool8):
-    messages = pool8.run(refusals)[0]
+def test_vocab_parallel_loss_refuses_what_it_cannot_do(pool2):
+    messages = pool2.run(refusals)[0]
     assert "needs an output embedding" in messages[0] and "vocabulary over y > 1" in messages[0]

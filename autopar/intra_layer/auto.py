@@ -177,6 +177,7 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
     for layer in layers:
         if plans[id(layer)]:
             layer.prefetcher = prefetcher
+            layer.bind(grid)
         for name, spec in plans[id(layer)].items():
             full = layer._parameters[name]
             if id(full) not in pieces:
@@ -190,7 +191,7 @@ def shard_layers(layers: list[ShardedModule], strict: bool = False, min_numel: i
 
 @contextmanager
 def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = True,
-                     reshard_after_forward: bool = True) -> Iterator[None]:
+                     reshard_after_forward: bool = True, overlap_chunks: int = 2) -> Iterator[None]:
     """Build ``nn.Linear`` / ``nn.Embedding`` / HF ``Conv1D`` inside the block as 3D-parallel
     layers over the current grid's x, y and z axes; they are sharded when the block exits.
 
@@ -204,9 +205,14 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     weight block is freed after its forward and gathered again in backward, so weights cost
     1/(x*y*z) plus one layer's block at peak; False keeps every block until its backward
     (1/(x*y) at peak, one gather fewer per layer and step).
+    ``overlap_chunks``: a layer whose output is summed over x (or y) multiplies its input in up
+    to this many row chunks of at least ``comm.OVERLAP_MIN_ROWS`` tokens, and each chunk's
+    all-reduce runs while the next one multiplies; 1 multiplies and all-reduces in one piece.
     Build the optimizer / ``autopar.parallelize`` after the block.
     """
     current_grid()  # fail early, on every rank, when autopar.init was not called
+    if not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
+        raise ValueError(f"auto_parallelize(overlap_chunks={overlap_chunks!r}): expected a positive integer")
     _install()
     stack = _recording.__dict__.setdefault("stack", [])
     block = _Block()
@@ -240,6 +246,8 @@ def auto_parallelize(*, strict: bool = False, min_numel: int = 0, chain: bool = 
     experts.apply()
     for layer in [*layers, *experts.shard]:
         layer.reshard_after_forward = reshard_after_forward
+    for layer in layers:
+        layer.overlap_chunks = overlap_chunks
     if chain:  # twins of subclasses add work after the base forward: they keep full features
         exact = set(_swaps.values())
         watch([m for m in layers if type(m) in exact and not isinstance(m, Embedding) and spec_of(m.weight) is not None])

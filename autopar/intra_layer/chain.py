@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ..runtime.params import set_shard_axes
-from ..runtime.state import current_grid
 from .layers import Embedding, Linear, ShardedModule, feature_axes, gather_full, spec_of
 from .layout import ShardSpec, divisible
 
@@ -45,9 +44,10 @@ def _swapped(layer: ShardedModule) -> ShardSpec:
     return ShardSpec(spec.full_shape, spec.dim_axes[::-1], spec.depth, spec.sizes)
 
 
-def handoff_axis() -> str:
-    """The axis feature blocks are handed over along: y, or x when y has size 1."""
-    return "y" if current_grid().size("y") > 1 else "x"
+def handoff_axis(layer: ShardedModule) -> str:
+    """The axis feature blocks are handed over along on ``layer``'s grid: y, or x when y has
+    size 1."""
+    return "y" if layer.autopar_grid.size("y") > 1 else "x"
 
 
 def chain_problem(producers: Sequence[nn.Module], consumer: nn.Module) -> str | None:
@@ -59,7 +59,9 @@ def chain_problem(producers: Sequence[nn.Module], consumer: nn.Module) -> str | 
                     f"{layer!r} is not one (replicated or another type)")
     if consumer.in_sharded:
         return f"{consumer!r} is already the consumer of a chain"
-    handoff = handoff_axis()
+    if any(layer.autopar_grid is not consumer.autopar_grid for layer in producers):
+        return f"{consumer!r} and its producers are sharded on different grids"
+    handoff = handoff_axis(consumer)
     other = "x" if handoff == "y" else "y"
     targets = [(layer, handoff) for layer in producers] + [(consumer, other)]
     for layer, out_axis in targets:
@@ -79,7 +81,7 @@ def _orient(layer: ShardedModule, out_axis: str) -> None:
     """Re-lay ``layer``'s weight in place so its output features are cut over ``out_axis``."""
     if _out_axis(layer) == out_axis:
         return
-    spec, swapped, grid = spec_of(layer.weight), _swapped(layer), current_grid()
+    spec, swapped, grid = spec_of(layer.weight), _swapped(layer), layer.autopar_grid
     weight = layer.weight
     with torch.no_grad():
         weight.copy_(swapped.shard(gather_full(weight, spec, grid), grid.coords))
@@ -97,7 +99,7 @@ def chain(producers: Sequence[nn.Module], consumer: nn.Module) -> None:
     problem = chain_problem(producers, consumer)
     if problem is not None:
         raise ValueError(problem)
-    handoff = handoff_axis()
+    handoff = handoff_axis(consumer)
     other = "x" if handoff == "y" else "y"
     for layer in producers:
         _orient(layer, handoff)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.collectives import all_gather_flat, reduce_scatter_flat
 from ..runtime.grid import Grid
@@ -176,7 +177,7 @@ class _Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, w: Tensor, grid: Grid, axis: str | None, transposed: bool,
-                sum_axis: str | None) -> Tensor:
+                sum_axis: str | None, chunks: int) -> Tensor:
         dtype = _autocast_dtype(t.device)
         if dtype is not None:
             # Cast as autocast casts a matmul, and save the cast operands: backward runs outside
@@ -185,19 +186,52 @@ class _Matmul(torch.autograd.Function):
             t, w = t.to(dtype), w.to(dtype)
         ctx.save_for_backward(t, w)
         ctx.grid, ctx.axis, ctx.transposed = grid, axis, transposed
-        return _summed(t @ w if transposed else t @ w.t(), grid, sum_axis)
+        return _product(t, w if transposed else w.t(), grid, sum_axis, chunks)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         t, w = ctx.saved_tensors
         gt, gw = _matmul_grads(ctx, g, t, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gt, gw, None, None, None, None
+        return gt, gw, None, None, None, None, None
 
 
-def _summed(out: Tensor, grid: Grid, axis: str | None) -> Tensor:
-    if axis is not None:
-        _all_reduce(out, grid, axis)
-    return out
+OVERLAP_MIN_ROWS = 64
+"""Rows (tokens) a chunk of an overlapped product needs at least: below that, a chunk's matmul
+is too short to hide an all-reduce behind and only adds a kernel launch."""
+
+
+def overlap_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
+    """The row ranges a product of ``rows`` rows is split into: ``chunks`` near-equal ones, as
+    many as keep ``OVERLAP_MIN_ROWS`` rows each (one range means no split)."""
+    n = min(chunks, rows // OVERLAP_MIN_ROWS)
+    if n <= 1:
+        return [(0, rows)]
+    step = -(-rows // n)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _product(t: Tensor, wt: Tensor, grid: Grid, sum_axis: str | None, chunks: int) -> Tensor:
+    """``t @ wt``, all-reduced over ``sum_axis`` in place. Split into row chunks
+    (``overlap_bounds``), each chunk's all-reduce is launched as soon as its rows are multiplied
+    and runs while the next chunk multiplies (on NCCL's stream, or gloo's threads): only the
+    last chunk's all-reduce is exposed, instead of the whole one. The chunks are slices of one
+    output buffer, so nothing is copied; a fake tensor (the pipeline's trace) is never split."""
+    split = sum_axis is not None and chunks > 1 and not is_fake(t)
+    bounds = overlap_bounds(t.shape[:-1].numel(), chunks) if split else []
+    if len(bounds) <= 1:
+        out = t @ wt
+        if sum_axis is not None:
+            _all_reduce(out, grid, sum_axis)
+        return out
+    rows = t.reshape(-1, t.shape[-1])  # a view for the inputs layers get (contiguous or a feature slice)
+    out = rows.new_empty(rows.shape[0], wt.shape[-1])
+    works = []
+    for a, b in bounds:
+        torch.matmul(rows[a:b], wt, out=out[a:b])
+        works.append(_all_reduce(out[a:b], grid, sum_axis, async_op=True))
+    for work in works:
+        work.wait()
+    return out.view(*t.shape[:-1], wt.shape[-1])
 
 
 def _matmul_grads(ctx: Any, g: Tensor, t: Tensor, w: Tensor, want_t: bool,
@@ -224,7 +258,8 @@ class _DepthMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, piece: Tensor, grid: Grid, axis: str | None, transposed: bool,
-                shape: tuple[int, ...], gathered: Tensor | None, keep: bool, sum_axis: str | None) -> Tensor:
+                shape: tuple[int, ...], gathered: Tensor | None, keep: bool, sum_axis: str | None,
+                chunks: int) -> Tensor:
         dtype = _autocast_dtype(t.device)
         if dtype is not None:
             t = t.to(dtype)
@@ -233,7 +268,7 @@ class _DepthMatmul(torch.autograd.Function):
         ctx.save_for_backward(t, w if keep else piece)
         ctx.grid, ctx.axis, ctx.transposed, ctx.shape, ctx.dtype, ctx.keep = grid, axis, transposed, shape, dtype, keep
         ctx.numel, ctx.piece_dtype = flat.numel(), piece.dtype
-        return _summed(t @ w if transposed else t @ w.t(), grid, sum_axis)
+        return _product(t, w if transposed else w.t(), grid, sum_axis, chunks)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -245,7 +280,7 @@ class _DepthMatmul(torch.autograd.Function):
             # Reduced in the parameter's dtype (fp32 under bf16 autocast), as the unfused chain
             # reduced it after autograd's cast back.
             piece_grad = _scatter_block_grad(gw, ctx.grid, ctx.numel, ctx.piece_dtype)
-        return gt, piece_grad, None, None, None, None, None, None, None
+        return gt, piece_grad, None, None, None, None, None, None, None, None
 
 
 def drop_last(t: Tensor, grid: Grid, axis: str) -> Tensor:
@@ -283,15 +318,17 @@ def _used(grid: Grid, axis: str | None) -> str | None:
     return axis if axis is not None and grid.size(axis) > 1 else None
 
 
-def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool, sum_axis: str | None = None) -> Tensor:
-    """``reduce_axis``: the input gradient's all-reduce; ``sum_axis``: the output's."""
-    return _Matmul.apply(t, w, grid, _used(grid, reduce_axis), transposed, _used(grid, sum_axis))
+def matmul(t: Tensor, w: Tensor, grid: Grid, reduce_axis: str, transposed: bool, sum_axis: str | None = None,
+           chunks: int = 1) -> Tensor:
+    """``reduce_axis``: the input gradient's all-reduce; ``sum_axis``: the output's, overlapped
+    with the product in up to ``chunks`` row chunks (``_product``)."""
+    return _Matmul.apply(t, w, grid, _used(grid, reduce_axis), transposed, _used(grid, sum_axis), chunks)
 
 
 def depth_matmul(t: Tensor, piece: Tensor, grid: Grid, reduce_axis: str, transposed: bool,
                  shape: tuple[int, ...], gathered: Tensor | None = None, keep: bool = False,
-                 sum_axis: str | None = None) -> Tensor:
+                 sum_axis: str | None = None, chunks: int = 1) -> Tensor:
     """``matmul`` with the weight block all-gathered over z from ``piece`` (z > 1); ``gathered``
     a prefetched flat buffer in ``matmul_dtype(piece)``; ``keep`` saves the block for backward."""
     return _DepthMatmul.apply(t, piece, grid, _used(grid, reduce_axis), transposed, shape, gathered, keep,
-                              _used(grid, sum_axis))
+                              _used(grid, sum_axis), chunks)

@@ -169,7 +169,7 @@ class ShardedExperts(LoadsFullTensors):
     reshard_after_forward = True  # False: the gathered z blocks stay saved until backward (regather)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        grid = current_grid()
+        grid = self.autopar_grid
         start, count = self._autopar_experts
         split = grid.size("x", "y") > 1
         if split:
@@ -194,8 +194,7 @@ class ShardedExperts(LoadsFullTensors):
         return _SumOut.apply(out, grid) if split else out
 
     def autopar_full_state(self) -> dict[str, Tensor]:
-        grid = current_grid()
-        out = {n: p if spec_of(p) is None else gather_full(p.detach().reshape(-1), spec_of(p), grid)  # gloo: 1-D
+        out = {n: p if spec_of(p) is None else gather_full(p.detach().reshape(-1), spec_of(p), self.autopar_grid)  # gloo: 1-D
                for n, p in self._parameters.items() if p is not None}
         out.update((n, b) for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set)
         return out
@@ -274,6 +273,7 @@ class ExpertsPlan:
             if runs > 1:
                 module.num_experts, module._is_expert_parallel = count, True
             module.__class__ = parallel_class(type(module))
+            module.bind(grid)
 
 
 def plan_experts(live: Live, min_numel: int = 0) -> ExpertsPlan:

@@ -28,6 +28,7 @@ summed over (dp, z, y).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
-from ..runtime.state import current_grid
+from ..runtime.state import current_grid, is_initialized
 from .comm import (all_gather_flat, all_reduce, depth_gather, depth_matmul, drop_last, gather_last, matmul,
                    matmul_dtype, slice_last)
 from .layout import ShardSpec
@@ -67,8 +68,46 @@ def make_local(full: Tensor, spec: ShardSpec, grid: Grid, requires_grad: bool) -
 
 
 class LoadsFullTensors(nn.Module):
-    """``load_state_dict`` of full (serial) tensors into sharded parameters: each is cut to this
-    rank's piece (by its spec) on the way in; local pieces load as they are."""
+    """A module whose parameters may be sharded over the grid it was sharded on (``bind``):
+    its forward runs on that grid, never on whichever one is current, and ``load_state_dict``
+    of full (serial) tensors cuts each to this rank's piece (by its spec) on the way in; local
+    pieces load as they are.
+
+    The grid is held weakly, as everything that may outlive ``autopar.destroy`` holds groups: a
+    destroyed gloo group keeps its threads until its last reference dies, and a model often
+    outlives its grid. Copies (``copy.deepcopy``, pickling) bind to the live grid when they
+    are made, the only one whose groups can run them."""
+
+    def bind(self, grid: Grid) -> None:
+        """Run this module on ``grid`` (what ``shard_layers`` sharded it for)."""
+        self.__dict__["_autopar_grid"] = weakref.ref(grid)
+
+    @property
+    def autopar_grid(self) -> Grid:
+        ref = self.__dict__.get("_autopar_grid")
+        grid = ref() if ref is not None else None
+        if grid is None:
+            raise RuntimeError(f"{type(self).__name__} is sharded for a grid that is gone (autopar.destroy() "
+                               "tore it down, or this copy was made with no grid initialised); build and "
+                               "shard the model again after autopar.init")
+        return grid
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_autopar_grid", None)  # a weak reference: neither copied nor pickled
+        # ``copy.deepcopy`` of a Parameter keeps only its data: its spec and sync tags go with us.
+        state["_autopar_param_tags"] = {n: {k: v for k, v in vars(p).items() if k.startswith("_autopar_")}
+                                        for n, p in self._parameters.items() if p is not None}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tags = state.pop("_autopar_param_tags", {})
+        super().__setstate__(state)
+        for name, attrs in tags.items():
+            if self._parameters.get(name) is not None:
+                self._parameters[name].__dict__.update(attrs)
+        if is_initialized():
+            self.bind(current_grid())
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         replaced = {}
@@ -76,7 +115,7 @@ class LoadsFullTensors(nn.Module):
             spec, key = spec_of(p), prefix + name
             if spec is not None and key in state_dict and tuple(state_dict[key].shape) == spec.full_shape:
                 replaced[key] = state_dict[key]
-                state_dict[key] = spec.shard(state_dict[key], current_grid().coords)
+                state_dict[key] = spec.shard(state_dict[key], self.autopar_grid.coords)
         try:
             super()._load_from_state_dict(state_dict, prefix, *args)
         finally:
@@ -93,6 +132,7 @@ class ShardedModule(LoadsFullTensors):
     prefetcher: Prefetcher | None = None  # shared by the layers of one auto_parallelize block
 
     reshard_after_forward = True  # False: keep the z-gathered block for backward (see comm.depth_matmul)
+    overlap_chunks = 2  # row chunks whose output all-reduces overlap the next chunk's matmul (comm._product)
 
     def gather_dtype(self) -> torch.dtype:
         """The dtype this layer's weight is gathered over z in: its matmul's."""
@@ -113,17 +153,18 @@ class ShardedModule(LoadsFullTensors):
         """``h`` times this rank's weight block, summed over ``sum_axis`` (the input features'),
         its input gradient all-reduced over ``reduce_axis``."""
         if grid.size("z") == 1:
-            return matmul(h, self.weight.view(spec.block_shape), grid, reduce_axis, transposed, sum_axis)
+            return matmul(h, self.weight.view(spec.block_shape), grid, reduce_axis, transposed, sum_axis,
+                          self.overlap_chunks)
         return depth_matmul(h, self.weight, grid, reduce_axis, transposed, spec.block_shape,
-                            self._prefetched(grid), keep=not self.reshard_after_forward, sum_axis=sum_axis)
+                            self._prefetched(grid), keep=not self.reshard_after_forward, sum_axis=sum_axis,
+                            chunks=self.overlap_chunks)
 
     def autopar_full_state(self) -> dict[str, Tensor]:
-        grid = current_grid()
         out = {}
         for name, p in self._parameters.items():
             if p is not None:
                 spec = spec_of(p)
-                out[name] = p if spec is None else gather_full(p, spec, grid)
+                out[name] = p if spec is None else gather_full(p, spec, self.autopar_grid)
         return out
 
     def serial_init(self) -> None:
@@ -141,7 +182,7 @@ class ShardedModule(LoadsFullTensors):
             full = {n: self._parameters[n].detach() for n in specs}
         finally:
             self._parameters.update(local)
-        coords = current_grid().coords
+        coords = self.autopar_grid.coords
         with torch.no_grad():
             for n, spec in specs.items():
                 local[n].copy_(spec.shard(full[n], coords))
@@ -157,7 +198,7 @@ def linear_3d(layer: "ShardedModule", inp: Tensor, spec: ShardSpec, transposed: 
     """The sharded forward for either weight orientation. ``layer.in_sharded``: ``inp`` is
     already this rank's block of input features; ``layer.out_sharded``: return this rank's
     block of output features (see ``chain``)."""
-    grid = current_grid()
+    grid = layer.autopar_grid
     out_axis, in_axis = feature_axes(spec, transposed)
     h = inp if layer.in_sharded else drop_last(inp, grid, in_axis)
     h = layer.block_matmul(h, spec, grid, out_axis, transposed, sum_axis=in_axis)
@@ -229,7 +270,7 @@ class Embedding(ShardedModule, nn.Embedding):
         spec = spec_of(self.weight)
         if spec is None:
             return super().forward(input)
-        grid = current_grid()
+        grid = self.autopar_grid
         w = self.full_block(spec, grid)
         rows = spec.block_shape[0]
         start = grid.index("y") * rows

@@ -51,6 +51,11 @@ class Prefetcher:
         """Copies (``copy.deepcopy`` of a model) start without an in-flight gather."""
         return {**self.__dict__, "pending": None}
 
+    def __setstate__(self, state: dict) -> None:
+        """A copy's order holds the copied layers, whose ids are new: index those."""
+        self.__dict__.update(state)
+        self.position = {id(layer): i for i, layer in enumerate(self.order)}
+
     def gathered(self, layer: nn.Module, grid: Grid) -> Tensor | None:
         """The prefetched flat block of ``layer`` (or None), and launch the next layer's."""
         if self.recording:

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from ..runtime.grid import Grid
 from ..runtime.loss_weights import is_causal_lm
-from ..runtime.state import current_grid
 from .comm import COUNTER
 from .layers import Linear, feature_axes, spec_of
 
@@ -88,7 +87,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, head: nn.Module
     if spec is None or not getattr(head, "out_sharded", False):
         raise ValueError(f"{type(head).__name__} does not return vocabulary shards; "
                          "use torch.nn.functional.cross_entropy on its (full) logits")
-    grid = current_grid()
+    grid = head.autopar_grid
     axis = feature_axes(spec, transposed=False)[0]
     width = spec.block_shape[0]
     if logits.shape[-1] != width or logits.shape[:-1] != target.shape:
@@ -113,7 +112,7 @@ def sharded_head(model: nn.Module) -> nn.Module | None:
     spec = spec_of(head.weight)
     if spec is None or feature_axes(spec, transposed=False)[0] != "y":
         return None
-    return head if current_grid().size("y") > 1 else None
+    return head if head.autopar_grid.size("y") > 1 else None
 
 
 def hf_causal_loss(model: nn.Module) -> bool:
