@@ -31,8 +31,10 @@ def _llama(parallel: bool) -> nn.Module:
 
 
 def _batch(step: int) -> dict:
+    """256 tokens: 128 or more per batch slice, so the layers' forward all-reduces are split
+    into overlapped chunks (``comm.OVERLAP_MIN_ROWS``) under compile too."""
     g = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, VOCAB, (8, 6), generator=g)
+    ids = torch.randint(0, VOCAB, (16, 16), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
