@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -55,8 +54,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..runtime.grid import Grid
-from ..runtime.params import grad_axes, is_norm_duplicate, shard_axes
+from ..runtime.params import grad_axes
 from .comm import all_reduce_grads, reduce_scatter_grads
+from .layout import Bucket, plan_buckets
 from .zero import check_elementwise, gather_params, shard_buckets
 
 ZERO_STAGES = (0, 1, 2)
@@ -70,104 +70,10 @@ def check_options(bucket_mb: float, zero: int) -> None:
         raise ValueError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
 
 
-@dataclass(eq=False)
-class Bucket:
-    """One flat gradient buffer over a run of parameters that share a process group.
-
-    ``numel`` is padded to a multiple of the group size so the buffer splits into equal shards
-    (ZeRO, reduce-scatter); the padding stays zero.
-    """
-
-    params: list[nn.Parameter]
-    offsets: list[int]
-    numel: int
-    axes: tuple[str, ...]
-    group: dist.ProcessGroup
-    world: int
-    rank: int
-    grad: torch.Tensor | None = None
-    seen: list[bool] = field(default_factory=list)      # produced a gradient in any backward
-    arrived: list[bool] = field(default_factory=list)   # produced it in the syncing backward
-    ready: int = 0
-    handle: dist.Work | None = None
-    # ZeRO only: the flat parameter buffer, and this rank's slices of it and of the gradient
-    flat_param: torch.Tensor | None = None
-    shard_param: nn.Parameter | None = None
-    shard_grad: torch.Tensor | None = None
-
-    @property
-    def shard_numel(self) -> int:
-        return self.numel // self.world
-
-    def shard(self, flat: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous 1/world slice of a flat buffer laid out like the bucket."""
-        return flat[self.rank * self.shard_numel:(self.rank + 1) * self.shard_numel]
-
-    def allocate_grad(self) -> None:
-        """A zeroed flat buffer, and every parameter's ``.grad`` made a view into it. Keeping
-        ``.grad`` defined is what makes autograd accumulate *into* the buffer instead of
-        installing a fresh tensor."""
-        like = self.params[0]
-        self.grad = torch.zeros(self.numel, dtype=like.dtype, device=like.device)
-        self.attach_grads()
-
-    def attach_grads(self) -> None:
-        """Point every ``.grad`` (and the ZeRO shard's) back at the buffer: the optimizer wrapper
-        may have set them to None."""
-        for p, off in zip(self.params, self.offsets):
-            p.grad = self.grad[off:off + p.numel()].view_as(p)
-        if self.shard_param is not None:
-            self.shard_param.grad = self.shard_grad
-
-    def attach_grads_to_shard(self) -> None:
-        """zero=2 between steps: no full buffer; the optimizer's shard gradient stays wired."""
-        for p in self.params:
-            p.grad = None
-        self.shard_param.grad = self.shard_grad
-
-    def reset(self) -> None:
-        self.seen = [False] * len(self.params)
-        self.arrived = [False] * len(self.params)
-        self.ready = 0
-
-
 def _on_grad(buckets: "weakref.ref[GradBuckets]", p: nn.Parameter) -> None:
     live = buckets()
     if live is not None:
         live._on_grad(p)
-
-
-def _bucket_key(p: nn.Parameter, zero: int, last: set[int]) -> tuple:
-    """Parameters in one bucket must reduce over the same group with the same dtype, and be
-    launched at the same time. Under ZeRO a bucket shard becomes one optimizer parameter whose
-    norm is counted by its tags, so the norm tags must agree as well."""
-    key: tuple = (grad_axes(p), p.dtype, p.device, id(p) in last)
-    return key + (shard_axes(p), is_norm_duplicate(p)) if zero else key
-
-
-def _plan(order: Sequence[nn.Parameter], zero: int, cap_bytes: int, last: set[int]) -> list[list[nn.Parameter]]:
-    """Pack parameters, given in the order their gradients are expected, into buckets that are
-    closed as soon as they reach ``cap_bytes`` (as DDP and Megatron do: every bucket but the last
-    of a kind is at least the cap, so a model costs as few collectives as the cap allows); return
-    them sorted by the position of their last parameter, i.e. by when they should be complete.
-    The parameters in ``last`` are moved behind all others."""
-    order = [p for p in order if id(p) not in last] + [p for p in order if id(p) in last]
-    open_: dict[tuple, list[nn.Parameter]] = {}
-    open_bytes: dict[tuple, int] = {}
-    last_pos: dict[tuple, int] = {}
-    closed: list[tuple[int, list[nn.Parameter]]] = []
-    for pos, p in enumerate(order):
-        key = _bucket_key(p, zero, last)
-        size = p.numel() * p.element_size()
-        if key not in open_:
-            open_[key], open_bytes[key] = [], 0
-        open_[key].append(p)
-        open_bytes[key] += size
-        last_pos[key] = pos
-        if open_bytes[key] >= cap_bytes:
-            closed.append((pos, open_.pop(key)))
-    closed.extend((last_pos[key], ps) for key, ps in open_.items())
-    return [ps for _, ps in sorted(closed, key=lambda c: c[0])]
 
 
 class GradBuckets:
@@ -202,7 +108,7 @@ class GradBuckets:
         self._rebuild_in = None if zero else (2 if early else 1)
         self._arrival: list[nn.Parameter] = []
         order = self.reduced[::-1]
-        self.buckets = self._make_buckets(_plan(order, zero, self._cap, self._last))
+        self.buckets = self._make_buckets(plan_buckets(order, zero, self._cap, self._last))
         # Weakly: a parameter's hooks are owned by its C++ tensor, which gc cannot see through
         # while anything else in C++ shares it, so a strong hook kept these buckets, and through
         # them every process group of their grid, alive after the engine and the grid were gone.
@@ -247,7 +153,7 @@ class GradBuckets:
         stage = ("dp", "z", "y", "x")
         if self.grid.size(*stage) > 1:
             dist.broadcast(order, group=self.grid.group(*stage), group_src=0)
-        plan = _plan([self.reduced[i] for i in order.tolist()], self.zero, self._cap, self._last)
+        plan = plan_buckets([self.reduced[i] for i in order.tolist()], self.zero, self._cap, self._last)
         self._arrival = []
         if [[id(p) for p in ps] for ps in plan] != [[id(p) for p in b.params] for b in self.buckets]:
             self.buckets = self._make_buckets(plan)

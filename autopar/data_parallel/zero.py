@@ -25,16 +25,14 @@ same reason the factory receives flat 1-D tensors: parameter groups keyed on nam
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .comm import all_gather_params
 from ..runtime.params import is_norm_duplicate, mark_norm_duplicate, set_shard_axes, shard_axes
-
-if TYPE_CHECKING:  # buckets.py imports this module
-    from .buckets import Bucket
+from .comm import all_gather_params
+from .layout import Bucket
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,

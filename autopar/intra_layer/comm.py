@@ -215,8 +215,9 @@ def _product(t: Tensor, wt: Tensor, grid: Grid, sum_axis: str | None, chunks: in
     (``overlap_bounds``), each chunk's all-reduce is launched as soon as its rows are multiplied
     and runs while the next chunk multiplies (on NCCL's stream, or gloo's threads): only the
     last chunk's all-reduce is exposed, instead of the whole one. The chunks are slices of one
-    output buffer, so nothing is copied; a fake tensor (the pipeline's trace) is never split."""
-    split = sum_axis is not None and chunks > 1 and not is_fake(t)
+    output buffer, so nothing is copied. Fake and meta tensors (the pipeline's trace, a dry run) are
+    never split: there is nothing to overlap."""
+    split = sum_axis is not None and chunks > 1 and not (t.is_meta or is_fake(t))
     bounds = overlap_bounds(t.shape[:-1].numel(), chunks) if split else []
     if len(bounds) <= 1:
         out = t @ wt
