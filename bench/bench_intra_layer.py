@@ -20,19 +20,17 @@ Spawns ``--ranks`` gloo processes on this machine and prints three tables (rank 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import autopar
 from autopar.intra_layer import chain
 from autopar.intra_layer.comm import COUNTER
+from world import spawn_gloo
 
 
 class Block(nn.Module):
@@ -143,10 +141,7 @@ def run_dtensor(args, data: torch.Tensor) -> float:
     return _timed_steps(step, args.steps)
 
 
-def worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int, args) -> None:
     data = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(0))
     grids = [g for g in [(world, 1, 1), (1, world, 1), (1, 1, world), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
              if g[0] * g[1] * g[2] == world]
@@ -180,7 +175,6 @@ def worker(rank: int, world: int, port: int, args) -> None:
             print(f"{str(g):>14} {r['params'] / 1e6:10.3f} {r['params'] / 1e6:9.3f} {r['state'] / 1e6:9.3f} "
                   f"{ideal / 1e6:9.3f} {r['params'] / ideal:8.3f}")
         print(f"(serial model: {serial_params / 1e6:.3f} MB of parameters)")
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -191,10 +185,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.ranks, port, args), nprocs=args.ranks)
+    spawn_gloo(worker, args.ranks, args.ranks, args)
 
 
 if __name__ == "__main__":

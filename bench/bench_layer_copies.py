@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import textwrap
 import traceback
 from contextlib import nullcontext
@@ -57,9 +56,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from world import spawn_gloo
 
 COPY_OPS = frozenset({"copy_", "clone", "_to_copy", "cat", "stack", "index", "index_select", "narrow_copy",
                       "slice_copy", "select_copy", "view_copy", "as_strided_copy", "t_copy", "transpose_copy",
@@ -257,10 +257,7 @@ def report(ranks: list[dict], serial: dict[bool, Count]) -> None:
                             subsequent_indent="      "))
 
 
-def worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int) -> None:
     import autopar
     results = {}
     for grid in grids(world):
@@ -274,7 +271,6 @@ def worker(rank: int, world: int, port: int) -> None:
         autopar.destroy()
     everyone = [None] * world if rank == 0 else None
     dist.gather_object(results, everyone)
-    dist.destroy_process_group()
     if rank == 0:
         torch.manual_seed(0)
         layer = nn.Linear(IN, OUT)
@@ -285,10 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=8)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args.ranks, port), nprocs=args.ranks)
+    spawn_gloo(worker, args.ranks, args.ranks)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autopar  # noqa: E402
+from world import spawn_gloo  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zerobubble")
@@ -203,10 +202,7 @@ def bytes_rows(args) -> list[tuple]:
     return rows
 
 
-def main(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def main(rank: int, args) -> None:
     os.makedirs(OUT, exist_ok=True)
     table1, table2, table3 = [], [], []
     for m in args.microbatches:
@@ -243,7 +239,6 @@ def main(rank: int, world: int, port: int, args) -> None:
         for name, s, pp, v, got, want in table3:
             print(f"| {name} | {s} | {pp} | {v} | {got} | {want} | {got / want:.3f} |")
         print(f"\ntimelines: {OUT}/pipeline_timeline_<schedule>.png")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -257,7 +252,4 @@ if __name__ == "__main__":
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     parser.add_argument("--no-hf", action="store_true", help="skip the HF-model rows of the bytes table")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(main, args=(args.pp, port, args), nprocs=args.pp)
+    spawn_gloo(main, args.pp, args)
