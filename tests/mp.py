@@ -52,11 +52,13 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
             autopar.destroy()
         except BaseException:  # noqa: BLE001
             result = (False, f"autopar.destroy() failed after the test:\n{traceback.format_exc()}")
+        # After a full collection (destroy() skips its own when the test already destroyed the
+        # grid) what is left is reachable: torch, transformers and the test modules, ~350k objects
+        # that every later full collection (each destroy() inside a test runs one) would walk
+        # again, 0.17 CPU-s a time per rank. Frozen, they are skipped; only this job's objects are
+        # walked here. A group that survives destroy() is caught by the thread count.
+        gc.collect()
         threads = thread_count()
-        # destroy() has just run a full collection, so what is left is reachable: torch,
-        # transformers and the test modules, ~350k objects that every later full collection
-        # (each destroy() inside a test runs one) would walk again, 0.17 CPU-s a time per rank.
-        # Frozen, they are skipped; a group that survives destroy() is caught by the thread count.
         gc.freeze()
         outbox.put((rank, *result, threads))
     dist.destroy_process_group()

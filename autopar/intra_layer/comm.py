@@ -225,14 +225,17 @@ def _product(t: Tensor, wt: Tensor, grid: Grid, sum_axis: str | None, chunks: in
             _all_reduce(out, grid, sum_axis)
         return out
     rows = t.reshape(-1, t.shape[-1])  # a view for the inputs layers get (contiguous or a feature slice)
-    out = rows.new_empty(rows.shape[0], wt.shape[-1])
+    # Returned whole, not as a view: autograd forbids in-place ops (relu_, *=) on a view that a
+    # custom Function returns, and the unsplit product allows them.
+    out = t.new_empty((*t.shape[:-1], wt.shape[-1]))
+    flat = out.view(-1, wt.shape[-1])
     works = []
     for a, b in bounds:
-        torch.matmul(rows[a:b], wt, out=out[a:b])
-        works.append(_all_reduce(out[a:b], grid, sum_axis, async_op=True))
+        torch.matmul(rows[a:b], wt, out=flat[a:b])
+        works.append(_all_reduce(flat[a:b], grid, sum_axis, async_op=True))
     for work in works:
         work.wait()
-    return out.view(*t.shape[:-1], wt.shape[-1])
+    return out
 
 
 def _matmul_grads(ctx: Any, g: Tensor, t: Tensor, w: Tensor, want_t: bool,

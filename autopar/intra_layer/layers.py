@@ -93,7 +93,7 @@ class LoadsFullTensors(nn.Module):
         return grid
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = super().__getstate__()  # nn.Module's drops a compiled call (``compile()``)
         state.pop("_autopar_grid", None)  # a weak reference: neither copied nor pickled
         # ``copy.deepcopy`` of a Parameter keeps only its data: its spec and sync tags go with us.
         state["_autopar_param_tags"] = {n: {k: v for k, v in vars(p).items() if k.startswith("_autopar_")}

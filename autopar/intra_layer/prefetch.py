@@ -48,13 +48,10 @@ class Prefetcher:
         self.hits = 0
 
     def __getstate__(self) -> dict:
-        """Copies (``copy.deepcopy`` of a model) start without an in-flight gather."""
-        return {**self.__dict__, "pending": None}
-
-    def __setstate__(self, state: dict) -> None:
-        """A copy's order holds the copied layers, whose ids are new: index those."""
-        self.__dict__.update(state)
-        self.position = {id(layer): i for i, layer in enumerate(self.order)}
+        """Copies (``copy.deepcopy``, pickling) start afresh: no gather in flight, and the order
+        recorded again at their first forward. Copying the recorded order would copy every layer
+        in it along with a single copied layer, and the ids it is keyed by are the originals'."""
+        return {**self.__dict__, "pending": None, "order": [], "position": {}, "recording": True, "hits": 0}
 
     def gathered(self, layer: nn.Module, grid: Grid) -> Tensor | None:
         """The prefetched flat block of ``layer`` (or None), and launch the next layer's."""
