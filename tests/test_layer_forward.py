@@ -74,6 +74,14 @@ def test_forward_runs_on_the_bound_grid(pool8):
     pool8.run(runs_without_current_grid, "gpt2")
 
 
+def test_overlap_bounds_cover_every_row_once():
+    for rows, chunks, sizes in [(0, 2, [0]), (127, 2, [127]), (128, 2, [64, 64]), (141, 2, [71, 70]),
+                                (200, 4, [67, 67, 66]), (1000, 4, [250] * 4), (1000, 1, [1000])]:
+        bounds = comm.overlap_bounds(rows, chunks)
+        assert [b - a for a, b in bounds] == sizes, (rows, chunks, bounds)
+        assert bounds[0][0] == 0 and bounds[-1][1] == rows and all(p[1] == q[0] for p, q in zip(bounds, bounds[1:]))
+
+
 def _recorded(events: list[str]):
     """``comm._all_reduce`` that logs each launch and each wait of an asynchronous one."""
     real = comm._all_reduce
@@ -124,7 +132,7 @@ def _in_place_after_split(dtype: torch.dtype) -> None:
         torch.manual_seed(3)
         with autopar.auto_parallelize(overlap_chunks=chunks):
             layer = torch.nn.Linear(16, 32, bias=False).to(dtype)
-        x = torch.randn(2, 64, 16, dtype=dtype, requires_grad=True)
+        x = torch.randn(3, 47, 16, dtype=dtype, requires_grad=True)  # 141 rows: chunks of 71 and 70
         out = layer(x)
         out.relu_()
         out.sum().backward()

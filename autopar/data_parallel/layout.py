@@ -78,7 +78,6 @@ class Bucket:
         self.ready = 0
 
 
-
 def _bucket_key(p: nn.Parameter, zero: int, last: set[int]) -> tuple:
     """Parameters in one bucket must reduce over the same group with the same dtype, and be
     launched at the same time. Under ZeRO a bucket shard becomes one optimizer parameter whose

@@ -10,8 +10,9 @@ batch slices, so the adjoint of the weight all-gather is a reduce-scatter that s
     all_reduce   (sum over partial results) <->  identity
     depth_gather (all-gather a flat weight) <->  reduce-scatter of its gradient
     matmul       (x @ w.T, its partial sums   <->  all-reduce of dx over the other axis, overlapped
-                  all-reduced in place)              with the weight-gradient matmul; the sum's
-                                                     adjoint is the identity
+                  all-reduced in place, chunk        with the weight-gradient matmul; the sum's
+                  by chunk as the next one           adjoint is the identity
+                  multiplies)
     depth_matmul (gather over z, then matmul) <-> gather again, matmul's adjoint, reduce-scatter
 
 ``depth_matmul`` exists for memory, not for communication: chained as ``matmul(depth_gather())``
