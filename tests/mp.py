@@ -35,6 +35,7 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
     import autopar
 
     torch.set_num_threads(1)
+    _freeze_imports()
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
@@ -52,18 +53,61 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
         except BaseException:  # noqa: BLE001
             result = (False, f"autopar.destroy() failed after the test:\n{traceback.format_exc()}")
         # destroy() skips its collection when the test already destroyed the grid: collect here,
-        # so the thread count sees only groups that something still holds. (gc.freeze() here made
-        # the suite ~30% faster but kept a destroyed grid's groups alive in one test sequence:
-        # frozen objects are never collected, and what they reach is kept.)
+        # so the thread count sees only groups that something still holds. No freeze here: objects
+        # frozen after a job were never collected, and one of them kept a later grid's groups.
         gc.collect()
         threads = thread_count()
         outbox.put((rank, *result, threads))
     dist.destroy_process_group()
 
 
+# The model families and torch subsystems the tests use: transformers imports each model module
+# lazily, on first attribute access, so without this the first test of each family would add its
+# objects to what every later collection walks.
+_PREIMPORT = ("LlamaForCausalLM", "GPT2LMHeadModel", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "BertForMaskedLM",
+              "BertForSequenceClassification", "ElectraForMaskedLM", "GPTNeoForCausalLM", "GPTJForCausalLM",
+              "OPTForCausalLM", "ViTForImageClassification", "WhisperForConditionalGeneration")
+
+
+def _freeze_imports() -> None:
+    """Move everything the imports created into gc's permanent generation, before any grid exists.
+
+    ``autopar.destroy()`` runs a full collection (a destroyed gloo group's threads live until its
+    last reference dies), and on every grid change of every test that walked the ~350k objects
+    torch and transformers build at import: 0.13-0.8 CPU-s per rank per call, about half of a
+    pool rank's time. Frozen import-time objects are module state that lives for the process
+    anyway, and none of them can reach a process group, since none existed when they were frozen.
+    """
+    import importlib
+
+    import torch._dynamo  # noqa: F401 - imported by the compile tests; large
+    import transformers
+
+    for name in _PREIMPORT:
+        getattr(transformers, name)
+    for module in ("autopar.checkpoint", "autopar.cli.check", "autopar.cli.dry_run", "autopar.cli.plan"):
+        importlib.import_module(module)
+    gc.collect()
+    gc.freeze()
+
+
 GROUP_THREADS = 3
 """Threads a live gloo group holds (two run loops and one TCP loop): a test whose rank ends with
 this many more threads than it started with has left a destroyed group alive."""
+
+
+def leaked_threads(before: int, settle_s: float = 2.0) -> int:
+    """Threads beyond ``before``, counted until they fall below one group's worth or ``settle_s``
+    passes. A check that counted once, right after ``destroy()``, failed on one rank of one run
+    and passed on three reruns of the same test sequence; polling separates threads that are still
+    stopping from a group that something holds, which keeps its threads for good and still fails."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        gc.collect()
+        leaked = thread_count() - before
+        if leaked < GROUP_THREADS or time.monotonic() > deadline:
+            return leaked
+        time.sleep(0.1)
 
 
 def thread_count() -> int:
