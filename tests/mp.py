@@ -120,9 +120,10 @@ def thread_count() -> int:
 class RankPool:
     """``world_size`` persistent gloo ranks; ``run(fn, ...)`` returns the per-rank results."""
 
-    def __init__(self, world_size: int, timeout: float = 240.0) -> None:
+    def __init__(self, world_size: int, timeout: float = 240.0, grace: float = GRACE_S) -> None:
         self.world_size = world_size
         self.timeout = timeout
+        self.grace = grace
         self.threads = 0  # the most threads a rank had after the last run
         self._procs: list[mp.Process] = []
 
@@ -161,7 +162,7 @@ class RankPool:
                 continue
             (results if ok else errors)[rank] = payload
             if errors:
-                deadline = min(deadline, time.monotonic() + GRACE_S)
+                deadline = min(deadline, time.monotonic() + self.grace)
         if len(results) == self.world_size:
             self.threads = threads
             if threads > RESTART_THREADS:

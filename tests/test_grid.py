@@ -156,7 +156,7 @@ def _fail_on_rank0_others_wait():
 def test_harness_reports_failures_and_hangs():
     from mp import RankPool
 
-    pool = RankPool(2, timeout=60)
+    pool = RankPool(2, timeout=60, grace=2)  # rank 1 waits in a barrier rank 0 never joins
     try:
         with pytest.raises(AssertionError, match="(?s)rank 0.*boom on purpose"):
             pool.run(_fail_on_rank0_others_wait)
@@ -173,11 +173,11 @@ def _all_reduce_with_broken_peer(peer_action):
     import os
     import time
 
-    grid = autopar.init(timeout=5)
+    grid = autopar.init(timeout=3)
     if dist.get_rank() == 1:
         if peer_action == "die":
             os._exit(3)
-        time.sleep(12)  # stuck: never joins the collective
+        time.sleep(7)  # stuck: never joins the collective, and outlives rank 0's timeout
         return None
     t0 = time.monotonic()
     try:
