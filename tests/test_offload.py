@@ -4,6 +4,7 @@ On a CPU-only machine the "device" is the host, so the copies are host to host; 
 check that the state lives in the offload buffers (not merely on some CPU tensor) and that every
 mode gives the serial numbers.
 """
+import gc
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -359,3 +360,30 @@ def check_host_step_takes_grads_per_bucket():
 
 def test_host_step_takes_grads_per_bucket_and_clips_them(pool2):
     pool2.run(check_host_step_takes_grads_per_bucket)
+
+
+def test_a_graph_saved_under_the_meter_does_not_hold_the_model():
+    """Autograd keeps saved-tensor hooks, and what they pack, in C++ for as long as the graph
+    that saved them lives, out of the GC's sight. A zero-bubble stage's input-gradient pass
+    (``retain_graph=True``) once left such a graph alive past ``destroy()``: the meter's bound
+    pack hook held the model, the model the pipeline, the pipeline its process groups (threads
+    that polled for the rest of the process). The meter must be reachable from a graph only
+    weakly, and still count while it lives."""
+    import weakref
+
+    from autopar.offload.memory import ActivationMeter
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    meter = ActivationMeter(model)
+    x = torch.randn(32, 8, requires_grad=True)
+    with meter:
+        loss = model(x).log_softmax(-1).sum()
+    torch.autograd.grad(loss, [x], retain_graph=True)
+    assert meter.peak >= 32 * 16 * 4  # the tanh output, at least, was counted
+    graph_alive = [loss]  # a graph that outlives its step, as the retained one did
+    gone = weakref.ref(model), weakref.ref(meter)
+    del model, meter
+    gc.collect()
+    assert all(ref() is None for ref in gone), "a live autograd graph keeps the meter and its model"
+    del graph_alive  # the saved tensors' release must not fail once the meter is gone
+    gc.collect()

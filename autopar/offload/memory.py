@@ -13,7 +13,9 @@ On CUDA the report also carries ``torch.cuda.max_memory_allocated``, the allocat
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,15 +26,25 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 
 
 class _Saved:
-    """What autograd stores instead of a saved tensor; its death releases the count."""
+    """What autograd stores instead of a saved tensor; its death releases the count. It holds
+    its meter weakly: autograd keeps it in C++, where Python's GC cannot see, and a strong
+    reference would tie the meter's model (and through the model the grid's process groups) to
+    the life of whatever graph saved it."""
 
     __slots__ = ("meter", "key", "tensor")
 
-    def __init__(self, meter: "ActivationMeter", key: int, tensor: torch.Tensor) -> None:
+    def __init__(self, meter: "weakref.ref[ActivationMeter]", key: int, tensor: torch.Tensor) -> None:
         self.meter, self.key, self.tensor = meter, key, tensor
 
     def __del__(self) -> None:
-        self.meter._release(self.key)
+        meter = self.meter()
+        if meter is not None:
+            meter._release(self.key)
+
+
+def _pack_into(meter_ref: "weakref.ref[ActivationMeter]", tensor: torch.Tensor) -> Any:
+    meter = meter_ref()
+    return tensor if meter is None else meter._pack(tensor)
 
 
 class ActivationMeter:
@@ -53,7 +65,11 @@ class ActivationMeter:
     def __enter__(self) -> "ActivationMeter":
         if self.enabled:
             self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            # The hooks reach the meter through a weak reference, for the reason _Saved does:
+            # autograd holds them in C++ for as long as any graph saved under them lives. A
+            # zero-bubble stage's input-gradient pass (retain_graph=True) left such a graph alive
+            # after destroy(), and the bound method kept the model and its groups with it.
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(partial(_pack_into, weakref.ref(self)), self._unpack)
             self._hooks.__enter__()
         return self
 
@@ -78,7 +94,7 @@ class ActivationMeter:
         # through this object, a tensor whose grad_fn holds this object, a cycle through C++
         # that Python's GC cannot see; a graph that never runs backward (the pipeline's traced
         # loss) then leaked with every tensor it saved.
-        return _Saved(self, key, tensor.detach())
+        return _Saved(weakref.ref(self), key, tensor.detach())
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
