@@ -367,6 +367,9 @@ def expert_blocks_regathered(impl: str, dtype: torch.dtype) -> dict:
             storages: dict[int, torch.Tensor] = {}  # kept alive, so no address is reused for another
 
             def pack(t: torch.Tensor) -> torch.Tensor:
+                # Detached: an op that saves its own output (log_softmax) would otherwise hold
+                # that output, and its node the output, in a C++ cycle the GC cannot break.
+                t = t.detach()
                 storages[t.untyped_storage().data_ptr()] = t
                 return t
 
