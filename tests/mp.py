@@ -53,8 +53,8 @@ def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Q
         except BaseException:  # noqa: BLE001
             result = (False, f"autopar.destroy() failed after the test:\n{traceback.format_exc()}")
         # destroy() skips its collection when the test already destroyed the grid: collect here,
-        # so the thread count sees only groups that something still holds. No freeze here: objects
-        # frozen after a job were never collected, and one of them kept a later grid's groups.
+        # so the thread count sees only groups that something still holds. No freeze here: what
+        # a job leaves behind may be garbage in a cycle, and frozen garbage is never collected.
         gc.collect()
         threads = thread_count()
         outbox.put((rank, *result, threads))
@@ -94,20 +94,6 @@ def _freeze_imports() -> None:
 GROUP_THREADS = 3
 """Threads a live gloo group holds (two run loops and one TCP loop): a test whose rank ends with
 this many more threads than it started with has left a destroyed group alive."""
-
-
-def leaked_threads(before: int, settle_s: float = 2.0) -> int:
-    """Threads beyond ``before``, counted until they fall below one group's worth or ``settle_s``
-    passes. A check that counted once, right after ``destroy()``, failed on one rank of one run
-    and passed on three reruns of the same test sequence; polling separates threads that are still
-    stopping from a group that something holds, which keeps its threads for good and still fails."""
-    deadline = time.monotonic() + settle_s
-    while True:
-        gc.collect()
-        leaked = thread_count() - before
-        if leaked < GROUP_THREADS or time.monotonic() > deadline:
-            return leaked
-        time.sleep(0.1)
 
 
 def thread_count() -> int:

@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 import autopar
-from mp import GROUP_THREADS, leaked_threads, thread_count
+from mp import GROUP_THREADS, thread_count
 
 VOCAB = 64
 
@@ -81,7 +81,7 @@ def compiled_equals_serial(grid: dict, when: str) -> dict:
         autopar.destroy()
     # Dynamo keeps compiled graphs (and the groups they captured) as globals of the compiled
     # functions' modules; destroy() must drop them.
-    leaked = leaked_threads(threads)
+    leaked = thread_count() - threads
     assert leaked < GROUP_THREADS, f"{grid}: {leaked} more threads after destroy(): a process group is still alive"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-12, atol=1e-12)
     worst = max(float((full[k] - v).norm() / (v - start[k]).norm())

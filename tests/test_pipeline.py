@@ -13,7 +13,7 @@ from torch import nn
 import autopar
 from autopar.pipeline import SCHEDULES, build_schedule, partition
 from autopar.pipeline.zero_bubble import backward_input, backward_weight
-from mp import GROUP_THREADS, leaked_threads, thread_count
+from mp import GROUP_THREADS, thread_count
 from pipeline_models import batch, build
 from serial import hf_call, output_loss, train_serial
 
@@ -293,7 +293,7 @@ def _with_tensor_parallel(name: str, schedule: str, x: int, y: int) -> None:
     full = autopar.full_state_dict(engine)
     del engine, model
     autopar.destroy()
-    leaked = leaked_threads(threads)
+    leaked = thread_count() - threads
     assert leaked < GROUP_THREADS, f"{leaked} more threads after destroy(): a process group is still alive"
     ref_losses, ref = _serial(name, 4, "sgd", 3, None)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
