@@ -74,9 +74,10 @@ def _freeze_imports() -> None:
 
     ``autopar.destroy()`` runs a full collection (a destroyed gloo group's threads live until its
     last reference dies), and on every grid change of every test that walked the ~350k objects
-    torch and transformers build at import: 0.13-0.8 CPU-s per rank per call, about half of a
-    pool rank's time. Frozen import-time objects are module state that lives for the process
-    anyway, and none of them can reach a process group, since none existed when they were frozen.
+    torch and transformers build at import: 0.13-0.17 CPU-s per rank per call (0.8 s of wall time
+    on a loaded machine), about half of a pool rank's time. Frozen import-time objects are module
+    state that lives for the process anyway, and none of them can reach a process group, since
+    none existed when they were frozen.
     """
     import importlib
 

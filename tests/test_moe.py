@@ -367,8 +367,8 @@ def expert_blocks_regathered(impl: str, dtype: torch.dtype) -> dict:
             storages: dict[int, torch.Tensor] = {}  # kept alive, so no address is reused for another
 
             def pack(t: torch.Tensor) -> torch.Tensor:
-                # Detached: an op that saves its own output (log_softmax) would otherwise hold
-                # that output, and its node the output, in a C++ cycle the GC cannot break.
+                # Detached: for an op that saves its own output (log_softmax), the output would
+                # hold its node and the node the output, a C++ cycle the GC cannot break.
                 t = t.detach()
                 storages[t.untyped_storage().data_ptr()] = t
                 return t

@@ -61,6 +61,7 @@ class ActivationMeter:
         self._live: dict[int, list[int]] = {}  # storage address -> [saves alive, bytes]
         self._params: set[int] = set()
         self._hooks: Any = None
+        self._weak = weakref.ref(self)  # what the hooks and the saved records hold (see _Saved)
 
     def __enter__(self) -> "ActivationMeter":
         if self.enabled:
@@ -69,7 +70,7 @@ class ActivationMeter:
             # autograd holds them in C++ for as long as any graph saved under them lives. A
             # zero-bubble stage's input-gradient pass (retain_graph=True) left such a graph alive
             # after destroy(), and the bound method kept the model and its groups with it.
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(partial(_pack_into, weakref.ref(self)), self._unpack)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(partial(_pack_into, self._weak), self._unpack)
             self._hooks.__enter__()
         return self
 
@@ -94,7 +95,7 @@ class ActivationMeter:
         # through this object, a tensor whose grad_fn holds this object, a cycle through C++
         # that Python's GC cannot see; a graph that never runs backward (the pipeline's traced
         # loss) then leaked with every tensor it saved.
-        return _Saved(weakref.ref(self), key, tensor.detach())
+        return _Saved(self._weak, key, tensor.detach())
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
