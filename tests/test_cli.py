@@ -1,7 +1,10 @@
 """The ``autopar`` console script: AUTOPAR_GRID in ``autopar.init``, the launch commands it
-builds for each launcher, ``check`` for real on 2 ranks (pass and fail), and ``plan``'s figures."""
+builds for each launcher, ``check`` on 2 and 4 ranks (pass and fail; launched for real once, the
+other cases' ranks run in the rank pool), and ``plan``'s figures."""
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import re
@@ -73,32 +76,57 @@ def test_run_dry_run_and_bad_grid(capsys):
     assert "world size 2 is not divisible" in capsys.readouterr().err
 
 
-def test_check_passes_on_a_grid():
-    rc, out = run([*AUTOPAR, "check", "--model", "gpt2", "--grid", "x=2", "--steps", "2"], clean_env(), timeout=400)
+def check_in_pool(grid: str, argv: list[str]) -> tuple[int, str]:
+    """A pool rank's share of ``autopar check --grid GRID ARGV``: the per-rank entry point the
+    launcher starts (``python -m autopar.cli.check``), with ``AUTOPAR_GRID`` set as it sets it."""
+    from autopar.cli import check
+
+    os.environ["AUTOPAR_GRID"] = grid
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            rc = check.main(argv)
+    finally:
+        del os.environ["AUTOPAR_GRID"]
+    return rc, printed.getvalue()
+
+
+def test_check_passes_on_a_grid(pool2):
+    rc, out = pool2.run(check_in_pool, "x=2", ["--model", "gpt2", "--steps", "2"])[0]
     assert rc == 0, out
     assert "construction: bit-identical to serial" in out and "PASS" in out, out
     assert re.search(r"transformer\.h\.0\.attn\.c_attn\.weight\s+\[32, 96\]\s+\S+\s+\S+\s+yes", out), out
 
 
-def test_check_passes_for_bert_classification_on_a_pipeline():
+def test_check_passes_for_bert_classification_on_a_pipeline(pool2):
     """BERT's pooler slices its input: the pipeline's tracing pass used to trip over that."""
-    rc, out = run([*AUTOPAR, "check", "--model", "bert", "--grid", "pp=2", "--steps", "2"], clean_env(), timeout=400)
+    rc, out = pool2.run(check_in_pool, "pp=2", ["--model", "bert", "--steps", "2"])[0]
     assert rc == 0, out
     assert "PASS" in out and re.search(r"bert\.pooler\.dense\.weight\s+\[32, 32\]\s+\S+\s+\S+\s+yes", out), out
 
 
 def test_check_fails_beyond_tolerance_with_a_user_factory():
-    """A user's plain model on dp=2 with a zero bound: the sums of 2 ranks differ from serial in
-    the last bits, so the table shows the errors and the exit code is non-zero."""
+    """Launched for real (``autopar check`` starts the ranks): a user's plain model on dp=2 with a
+    zero bound; the sums of 2 ranks differ from serial in the last bits, so the table shows the
+    errors and the exit code, through the launcher, is non-zero."""
     rc, out = run([*AUTOPAR, "check", "-n", "2", "--factory", "scripts.check_factory:build", "--bound", "0",
                    "--steps", "2"], clean_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), timeout=400)
     assert rc != 0 and "FAIL" in out and "2.weight" in out, out
 
 
-def test_check_fp64_passes_on_llama():
+def test_check_forwards_its_options_to_every_rank(capsys):
+    assert main(["check", "--model", "llama", "--grid", "x=2,y=2", "--steps", "3", "--global-batch", "8",
+                 "--microbatches", "2", "--lr", "0.5", "--bound", "1e-7", "--fp64", "--dry-run"]) == 0
+    line = capsys.readouterr().err
+    assert "local: 4 x AUTOPAR_GRID=x=2,y=2" in line, line
+    assert line.split(" -m ", 1)[1].split() == ["autopar.cli.check", "--model", "llama", "--steps", "3",
+                                                "--global-batch", "8", "--microbatches", "2", "--lr", "0.5",
+                                                "--seed", "1", "--bound", "1e-07", "--fp64"], line
+
+
+def test_check_fp64_passes_on_llama(pool4):
     """--fp64: both sides in float64, every tensor within 1e-9 of its own update on x=2 y=2."""
-    rc, out = run([*AUTOPAR, "check", "--model", "llama", "--grid", "x=2,y=2", "--steps", "2", "--fp64"], clean_env(),
-                  timeout=400)
+    rc, out = pool4.run(check_in_pool, "x=2,y=2", ["--model", "llama", "--steps", "2", "--fp64"])[0]
     assert rc == 0 and "PASS" in out and "float64" in out, out
     worst = float(re.search(r"relative to the update (\S+)", out).group(1))
     assert worst < 1e-12, out
