@@ -59,6 +59,51 @@ def test_recorder_counts_per_group_and_is_removed_at_destroy(pool4):
         assert ops[-1] == ("all_reduce", 2, ["float64[3]"], "done"), ops
 
 
+def _destroy_during_a_stuck_beat() -> int:
+    """The heartbeat is inside a store write that outlasts ``uninstall``'s join (a loaded rank 0's
+    store) when the grid is destroyed; returns the threads left beyond the stuck beat's own."""
+    import threading
+
+    from mp import thread_count
+
+    entered, release = threading.Event(), threading.Event()
+    publish = diagnostics._Recorder.publish
+
+    def stuck(self: Any) -> None:
+        if not self.closed:  # the beats, not uninstall's final record
+            entered.set()
+            release.wait(30)
+        publish(self)
+
+    threads = thread_count()
+    os.environ[diagnostics.HEARTBEAT_ENV], join_s = "0.01", diagnostics.JOIN_S
+    diagnostics._Recorder.publish, diagnostics.JOIN_S = stuck, 0.1
+    try:
+        grid = autopar.init(dp=2, x=2, timeout=T)  # dp and x: groups of 2 out of 4, not the world
+        for axis in ("dp", "x"):
+            dist.all_reduce(torch.ones(2), group=grid.group(axis))
+        del grid  # only the recorder may still hold the groups
+        beat = diagnostics._rec.thread
+        assert entered.wait(10), "the heartbeat never beat"
+        autopar.destroy()
+        left = thread_count() - threads - beat.is_alive()
+    finally:
+        release.set()
+        diagnostics._Recorder.publish, diagnostics.JOIN_S = publish, join_s
+        del os.environ[diagnostics.HEARTBEAT_ENV]
+    beat.join(10)
+    return left
+
+
+def test_a_stuck_heartbeat_does_not_keep_the_groups(pool4):
+    """Seen under load in the suite: destroy() left every group of the grid alive (3 threads
+    each) until a late heartbeat returned, because the beat's recorder held them."""
+    from mp import GROUP_THREADS
+
+    for left in pool4.run(_destroy_during_a_stuck_beat):
+        assert left < GROUP_THREADS, f"{left} more threads after destroy(): the stuck beat keeps a group alive"
+
+
 def _hang(sleeper: int, sync_rank: int, async_rank: int) -> dict[str, Any]:
     grid = autopar.init(dp=2, x=2, timeout=T)  # rank order x fastest: dp groups [0,2] and [1,3]
     for _ in range(2):

@@ -43,6 +43,7 @@ from .hang_report import (DONE, FAILED, GROUP, IN_FLIGHT, KEY, OP, PEER, SEQ, SH
                           WHERE, WORK, _fmt, build_report, describe)
 
 HEARTBEAT_ENV = "AUTOPAR_HEARTBEAT_S"
+JOIN_S = 5.0  # how long uninstall waits for a beat in progress
 DEBUG_ENV = "AUTOPAR_DEBUG"
 HISTORY = 16  # entries published per rank: enough to see the step a rank is in
 
@@ -81,7 +82,7 @@ class _Recorder:
         self.rank, self.store, self.interval, self.debug = rank, store, interval, debug
         self.entries: deque[list[Any]] = deque(maxlen=HISTORY)
         self.groups: dict[Any, list[Any]] = {}  # group -> [label, last seq]; strong refs until uninstall
-        self.world = dist.group.WORLD
+        self.world: Any = dist.group.WORLD
         self.tls = _Depth()
         self.members: dict[str, list[int]] = {}  # label -> all global ranks (labels shorten long lists)
         self.session = _sessions  # which autopar.init of this process: older records are stale
@@ -288,7 +289,12 @@ def uninstall() -> None:
         _saved_debug = None
     if rec is not None:
         rec.stop.set()
-        rec.thread.join(timeout=5)
+        rec.thread.join(timeout=JOIN_S)
+        # A beat still stuck in the store (a loaded or dying rank 0) keeps the recorder alive in
+        # its thread, so the recorder must let go of the groups here: a gloo group's threads live
+        # as long as any reference to it, and destroy() must leave none.
+        rec.groups = {info[0]: info for info in rec.groups.values()}
+        rec.world = None
         rec.closed = True
         try:
             rec.publish()
