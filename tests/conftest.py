@@ -7,8 +7,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from mp import IDLE_THREADS, RankPool  # noqa: E402
 
 
-# One pool per size for the whole session: starting 8 ranks that import torch and transformers
-# costs ~15 s on two cores, once per module it was a fifth of the suite. A rank function leaves
+# One pool per size for the whole session (per pytest worker): started once per module, pools
+# were a fifth of the suite; their ranks are now forked from a process that imported once (mp.py). A rank function leaves
 # nothing behind (``RankPool.run`` destroys its grid), and a failed or hung one restarts the pool.
 _POOLS: list[RankPool] = []
 

@@ -3,11 +3,12 @@
 A rank that imports torch, transformers' model families and Dynamo costs ~6.5 CPU-s, so ranks
 start once and run the test functions of every module, and they are forked from one fork server
 that imported all of that once (``pool_preload``): the 14 ranks of the 2-, 4- and 8-rank pools,
-spawned, spent ~90 CPU-s (45 s of the suite on two cores) importing the same modules. A test hands ``RankPool.run`` a module-level function;
-every rank runs it inside an initialised default process group, then ``autopar.destroy()`` cleans
-up whatever grid the function created. Any rank's exception fails the test with every failing
-rank's traceback; a rank that does not answer in time fails it too, and the pool is restarted so
-one broken test cannot wedge the next.
+spawned, spent ~90 CPU-s (45 s of the suite on two cores) importing the same modules.
+
+A test hands ``RankPool.run`` a module-level function; every rank runs it inside an initialised
+default process group, then ``autopar.destroy()`` cleans up whatever grid the function created.
+Any rank's exception fails the test with every failing rank's traceback; a rank that does not
+answer in time fails it too, and the pool is restarted so one broken test cannot wedge the next.
 """
 from __future__ import annotations
 
