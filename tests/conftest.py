@@ -7,8 +7,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from mp import IDLE_THREADS, RankPool  # noqa: E402
 
 
-# One pool per size for the whole session: started once per module, pools
-# were a fifth of the suite; their ranks are now forked from a process that imported once (mp.py). A rank function leaves
+# One pool per size for the whole session: started once per module, pools were a fifth of the
+# suite (their ranks are forked from a process that imported once: mp.py). A rank function leaves
 # nothing behind (``RankPool.run`` destroys its grid), and a failed or hung one restarts the pool.
 _POOLS: list[RankPool] = []
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
-from multiprocessing import forkserver
 import os
 import queue
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing import forkserver
 from typing import Any, Callable
 
 GRACE_S = 15.0  # how long the other ranks may still take after one rank failed

@@ -76,7 +76,8 @@ def _destroy_during_a_stuck_beat() -> int:
         publish(self)
 
     threads = thread_count()
-    os.environ[diagnostics.HEARTBEAT_ENV], join_s = "0.01", diagnostics.JOIN_S
+    beat_s, join_s = os.environ.get(diagnostics.HEARTBEAT_ENV), diagnostics.JOIN_S
+    os.environ[diagnostics.HEARTBEAT_ENV] = "0.01"
     diagnostics._Recorder.publish, diagnostics.JOIN_S = stuck, 0.1
     try:
         grid = autopar.init(dp=2, x=2, timeout=T)  # dp and x: groups of 2 out of 4, not the world
@@ -90,7 +91,10 @@ def _destroy_during_a_stuck_beat() -> int:
     finally:
         release.set()
         diagnostics._Recorder.publish, diagnostics.JOIN_S = publish, join_s
-        del os.environ[diagnostics.HEARTBEAT_ENV]
+        if beat_s is None:
+            del os.environ[diagnostics.HEARTBEAT_ENV]
+        else:
+            os.environ[diagnostics.HEARTBEAT_ENV] = beat_s
     beat.join(10)
     return left
 

@@ -146,6 +146,18 @@ def test_data_parallel_step_equals_serial(pool4, grid_kwargs, clip, microbatches
     assert all(l == losses[0] for l in losses), "loss must be identical on every rank"
 
 
+def _preloaded() -> bool:
+    import sys
+
+    return "pool_preload" in sys.modules
+
+
+def test_pool_ranks_start_with_their_imports_done(pool2):
+    """The fork server skips a preload it cannot import without a word (tests/mp.py): the ranks
+    would then import torch and transformers themselves, correct but ~6.5 CPU-s each."""
+    assert pool2.run(_preloaded) == [True, True]
+
+
 def _fail_on_rank0_others_wait():
     autopar.init()
     if dist.get_rank() == 0:
