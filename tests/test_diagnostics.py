@@ -70,7 +70,7 @@ def _destroy_during_a_stuck_beat() -> int:
     publish = diagnostics._Recorder.publish
 
     def stuck(self: Any) -> None:
-        if not self.closed:  # the beats, not uninstall's final record
+        if threading.current_thread() is self.thread:  # the beats, not init's or uninstall's record
             entered.set()
             release.wait(30)
         publish(self)
