@@ -391,7 +391,7 @@ def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches:
     True insists (the ``loss_fn`` then gets shards and calls ``autopar.vocab_parallel_cross_entropy``);
     False keeps the gathered logits (``autopar.intra_layer.vocab_loss``).
     """
-    grid = current_grid()
+    current_grid()  # before any other check: without init() that is the error to report
     if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("optimizer must be a factory, e.g. lambda params: torch.optim.AdamW(params, lr=3e-4); "
                         "the parameters are only known after parallelisation")

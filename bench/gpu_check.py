@@ -66,6 +66,7 @@ import transformers
 
 import autopar
 from autopar.cli import check as autopar_check
+from autopar.cli.options import add_check_arguments
 from autopar.offload.stepper import state_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -284,7 +285,7 @@ def offload_rows(size: Size, device: torch.device) -> list[Row]:
 def run_check(argv: list[str]) -> tuple[bool, str]:
     """``autopar check`` on the current grid, its printout kept: (verdict, the verdict line)."""
     parser = argparse.ArgumentParser()
-    autopar_check.add_arguments(parser)
+    add_check_arguments(parser)
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         ok = autopar_check.check(parser.parse_args(argv))

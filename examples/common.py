@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import autopar
 from autopar.checkpoint.steps import step_path
-from autopar.runtime.state import parse_grid
+from autopar.runtime.gridspec import parse_grid
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "corpus.txt"

@@ -8,6 +8,7 @@ import io
 import math
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import autopar
 from autopar.cli import main
 from autopar.cli.launch import Job, choose_launcher, command, job_env
 from autopar.cli.plan import predict, shape_of
-from autopar.runtime.state import parse_grid
+from autopar.runtime.gridspec import parse_grid
 from slurm import REPO, clean_env, run
 
 AUTOPAR = [sys.executable, "-m", "autopar.cli"]
@@ -28,6 +29,25 @@ def test_parse_grid():
     for bad in ("q=2", "x=0", "x", "x=two", "x=2,x=2"):
         with pytest.raises(ValueError, match="grid"):
             parse_grid(bad)
+
+
+def test_launcher_starts_without_torch():
+    """``autopar run`` only parses, checks the grid and starts the launcher: importing torch and
+    transformers first cost it 3.6 s (9 s with ``--help`` building the plan options) before any rank
+    started. Neither may load on that path, nor for ``--help`` or a bad grid."""
+    probe = ("import sys, contextlib, io\n"
+             "import autopar.cli\n"
+             "for argv in (['run', '-n', '2', '--grid', 'x=2', '--dry-run', 'train.py'], ['--help'],\n"
+             "             ['run', '-n', '3', '--grid', 'x=2', 'train.py'], ['check', '--help']):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+             "        try:\n"
+             "            autopar.cli.main(argv)\n"
+             "        except SystemExit:\n"
+             "            pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_init_reads_autopar_grid(monkeypatch):

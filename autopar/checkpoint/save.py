@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.distributed as dist
 
 from .local import local_region, model_of, model_tensors, optimizer_params, writes
 from .ranks import Ranks

@@ -11,60 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 
-from ..runtime.state import parse_grid
-from . import check, dry_run, plan
-from .launch import LAUNCHERS, Job, launch
-
-
-def _grid(text: str) -> dict[str, int] | str:
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        return parse_grid(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_launch_arguments(p: argparse.ArgumentParser, nprocs_required: bool) -> None:
-    p.add_argument("-n", "--nprocs", type=int, required=nprocs_required, default=None,
-                   help="ranks in all" + ("" if nprocs_required else " (default: the grid's product)"))
-    p.add_argument("--nodes", type=int, default=1, help="nodes the ranks spread over (evenly)")
-    p.add_argument("--grid", type=_grid, default={}, help="e.g. pp=2,dp=2,x=2; passed to autopar.init() "
-                   "as AUTOPAR_GRID; dp is inferred when left out")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="auto",
-                   help="auto: srun inside a Slurm allocation, local processes on one node, torchrun on several")
-    p.add_argument("--launcher-args", type=shlex.split, default=[],
-                   help="extra flags for the launcher, one quoted string, e.g. '--overcommit'")
-    p.add_argument("--master-addr", default=None, help="torchrun on several nodes: the rendezvous host")
-    p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--dry-run", action="store_true", help="print the launch command, start nothing")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autopar", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="start a Python script on N ranks with the right launcher")
-    _add_launch_arguments(run, nprocs_required=True)
-    run.add_argument("--model", default=None, help="with --grid auto: the model the planner ranks grids for "
-                     "(a family of `autopar plan` or a Hugging Face config.json)")
-    run.add_argument("--hardware", default=None, help="with --grid auto: a preset (h100, a100-80g, h200, cpu-gloo) "
-                     "or a JSON file")
-    run.add_argument("--global-batch", type=int, default=None, help="with --grid auto: sequences per step")
-    run.add_argument("--seq-len", type=int, default=None, help="with --grid auto: tokens per sequence")
-    run.add_argument("script", help="the Python script every rank runs")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
-    chk = sub.add_parser("check", help="train a tiny model on the grid and serially; print the errors")
-    _add_launch_arguments(chk, nprocs_required=False)
-    check.add_arguments(chk)
-    pln = sub.add_parser("plan", help="predicted memory and communication per rank (shape only)")
-    plan.add_arguments(pln)
-    pln.add_argument("--grid", type=_grid, default={}, help="one grid, e.g. pp=2,x=2 (default: rank them all)")
-    dry_run.add_arguments(pln)
-    return p
+from . import options
+from .launch import Job, launch
 
 
 def _job(args: argparse.Namespace, script: list[str]) -> Job:
@@ -98,10 +47,12 @@ def _auto_grid(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
+    p = options.parser(__doc__)
     args = p.parse_args(argv)
     try:
         if args.command == "plan":
+            from . import dry_run, plan  # torch and transformers: only for the command that needs them
+
             return dry_run.main(args) if args.dry_run else plan.main(args)
         if args.command == "run":
             if args.grid == "auto":

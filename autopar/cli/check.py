@@ -35,26 +35,11 @@ from autopar.engine import _call_model
 from autopar.runtime.batch import map_tensors
 
 from . import models
+from .options import add_check_arguments
 
 BOUND = {torch.float32: 1e-3, torch.float64: 1e-9}  # ||W - W_serial|| / ||W_serial - W_0||
 ZERO_GRAD_FLOOR = 1e-6  # times lr, per element: updates below it come from rounding only
 LOSS_RTOL = 1e-5
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--model", default="gpt2", choices=models.FAMILIES, help="tiny model of this family")
-    what.add_argument("--factory", metavar="MODULE:FUNCTION",
-                      help="your model: FUNCTION() returns a model (HF: the batch comes from its config), or "
-                           "(model, global_batch) or (model, global_batch, loss_fn)")
-    p.add_argument("--steps", type=int, default=3, help="AdamW steps on both models")
-    p.add_argument("--global-batch", type=int, default=None, help="default: 2 per batch shard and microbatch")
-    p.add_argument("--microbatches", type=int, default=None, help="per rank and step; default pp")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--fp64", action="store_true", help="both sides in float64: noise below 1e-12, bound 1e-9")
-    p.add_argument("--bound", type=float, default=None,
-                   help="largest ||W - W_serial|| / ||W_serial - W_0|| per tensor (default 1e-3, 1e-9 with --fp64)")
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, Any, Callable | None]:
@@ -180,7 +165,7 @@ def batch_of(batch: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autopar.cli.check", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
+    add_check_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # many ranks per machine; the tiny models gain nothing from threads
     autopar.init(seed=args.seed)

@@ -73,21 +73,6 @@ class RankFigures:
     parallelize_s: float
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true",
-                   help="build the real set-up of --ranks on a fake world of --world ranks (meta tensors)")
-    p.add_argument("--ranks", type=_ranks, default=None,
-                   help="with --dry-run: ranks to build, e.g. 0,4095 (default: 0 and the last rank)")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="with --dry-run: ZeRO stage")
-
-
-def _ranks(text: str) -> list[int]:
-    try:
-        return [int(r) for r in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ranks {text!r}: expected rank numbers such as 0,4095") from None
-
-
 def _stand_ins(model: nn.Module) -> None:
     """Swap every meta tensor for a zero-stride CPU stand-in of its shape, dtype and tags (shared
     tensors share one), so the pipeline's trace can run (see the module docstring)."""

@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ..runtime.grid import resolve_sizes
-from ..runtime.state import GRID_ENV
+from ..runtime.gridspec import GRID_ENV, resolve_sizes
 
 LAUNCHERS = ("auto", "local", "torchrun", "srun", "mpirun")
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .options import FAMILIES  # noqa: F401 - the families build() knows, listed where the options are
+
 V = 128  # vocabulary of the tiny language models
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -59,7 +61,6 @@ def _families(tiny: bool) -> dict[str, Callable[[], Any]]:
     }
 
 
-FAMILIES = ("gpt2", "llama", "opt", "gpt-neo", "gptj", "bert", "electra", "vit", "whisper")
 HEADS = {"bert": "BertForSequenceClassification", "electra": "ElectraForSequenceClassification",
          "vit": "ViTForImageClassification", "whisper": "WhisperForConditionalGeneration"}
 CAUSAL = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",

@@ -155,25 +155,6 @@ def candidate_grids(world: int, blocks: int) -> list[dict[str, int]]:
     return grids
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--model", default="gpt2", help=f"a family, {', '.join(models.FAMILIES)}: its default "
-                      "(full-size) transformers config (llama's is Llama-7B-shaped); or a Hugging Face "
-                      "config.json, or a folder holding one")
-    what.add_argument("--factory", metavar="MODULE:FUNCTION", help="FUNCTION() returns your model (built on meta)")
-    p.add_argument("--world", type=int, required=True, help="ranks in the job")
-    p.add_argument("--global-batch", type=int, default=8, help="sequences (samples) per step, all ranks")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the config's positions, at most 1024")
-    p.add_argument("--microbatches", type=int, default=None, help="per rank and step; default pp")
-    p.add_argument("--top", type=int, default=10, help="grids shown when ranking")
-    p.add_argument("--hardware", default=None, help="rank grids by predicted step time on this machine: "
-                   "a100-80g, h100-80g, h200, cpu-gloo, or a JSON file of autopar.cli.cost.Hardware's fields")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine (matmul FLOP/s, 2-rank gloo "
-                   "all-reduce) and rank grids on the measured figures")
-    p.add_argument("--schedule", default="1f1b", help="pipeline schedule the step time assumes "
-                   "(gpipe, 1f1b, interleaved with 2 virtual stages, zerobubble)")
-
-
 def build_model(args: argparse.Namespace) -> nn.Module:
     """The model ``args`` name (``--factory``, a family or a config), built in the caller's
     context: ``plan`` builds it on meta, ``plan --dry-run`` on meta under ``auto_parallelize``."""

@@ -39,40 +39,13 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-AXES: tuple[str, ...] = ("pp", "dp", "z", "y", "x")
-TP_AXES: tuple[str, ...] = ("z", "y", "x")
-
+from .gridspec import AXES, TP_AXES, resolve_sizes  # noqa: F401 - re-exported: the grid's own names
 
 def _canon(axes: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [a for a in axes if a not in AXES]
     if unknown or not axes:
         raise ValueError(f"unknown grid axes {unknown or axes}; the axes are {AXES}")
     return tuple([a for a in AXES if a in axes])
-
-
-def resolve_sizes(world_size: int, pp: int = 1, dp: int | None = None, x: int = 1, y: int = 1,
-                  z: int = 1) -> dict[str, int]:
-    """Check a requested grid against the world size and infer ``dp``. Raises ``ValueError``
-    with the sizes and the fix; every rank computes the same answer, so all of them raise."""
-    named = {"pp": pp, "x": x, "y": y, "z": z}
-    if dp is not None:
-        named["dp"] = dp
-    for name, size in named.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"grid axis {name}={size!r} must be a positive integer")
-    model_ranks = pp * x * y * z
-    if dp is None:
-        if world_size % model_ranks:
-            raise ValueError(
-                f"world size {world_size} is not divisible by pp*x*y*z = {model_ranks} "
-                f"(pp={pp}, x={x}, y={y}, z={z}); launch a multiple of {model_ranks} ranks "
-                "or choose a grid whose product divides the world size")
-        dp = world_size // model_ranks
-    if model_ranks * dp != world_size:
-        raise ValueError(
-            f"grid pp={pp} dp={dp} x={x} y={y} z={z} has {model_ranks * dp} ranks but the world "
-            f"has {world_size}; launch {model_ranks * dp} ranks, or leave dp out to infer it")
-    return {"pp": pp, "dp": dp, "z": z, "y": y, "x": x}
 
 
 def coords_of(rank: int, sizes: Mapping[str, int]) -> dict[str, int]:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from . import diagnostics
-from .grid import AXES, Grid, build_groups, resolve_sizes
+from .grid import Grid, build_groups
+from .gridspec import GRID_ENV, parse_grid, resolve_sizes
 from .launcher import connect_store, detect_launch, resolve_rendezvous
 
 log = logging.getLogger("autopar")
@@ -34,30 +35,10 @@ DEFAULT_TIMEOUT_S = 180.0
 """Short enough that a dead rank ends the job within minutes; long enough for a slow first step.
 Override with ``init(timeout=...)`` or ``AUTOPAR_TIMEOUT`` (seconds)."""
 
-GRID_ENV = "AUTOPAR_GRID"
-"""Grid sizes for a script that calls ``autopar.init()`` without grid arguments, e.g.
-``AUTOPAR_GRID=pp=2,x=2``. ``autopar run --grid`` sets it, so the grid is a launch option rather
-than a code change."""
-
 _grid: Grid | None = None
 _owns_world = False
 _timeout_td: timedelta | None = None
 _extra_groups: list[dist.ProcessGroup] = []  # made after init (e.g. tied stages); destroyed with the grid
-
-
-def parse_grid(text: str) -> dict[str, int]:
-    """``"pp=2,x=2"`` -> ``{"pp": 2, "x": 2}``. Empty text is the empty grid; anything that is not
-    ``axis=positive integer`` with a known, unrepeated axis raises ``ValueError``."""
-    sizes: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        axis, eq, size = (s.strip() for s in item.partition("="))
-        if axis not in AXES or not eq or not size.isdigit() or int(size) < 1:
-            raise ValueError(f"bad grid entry {item!r} in {text!r}: use axis=size pairs such as "
-                             f"'pp=2,dp=2,x=2' with axes from {AXES} and positive sizes")
-        if axis in sizes:
-            raise ValueError(f"grid axis {axis!r} is given twice in {text!r}")
-        sizes[axis] = int(size)
-    return sizes
 
 
 def _requested_grid(explicit: dict[str, int | None]) -> dict[str, int | None]:
