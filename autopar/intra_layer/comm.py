@@ -80,6 +80,14 @@ def _all_reduce(t: Tensor, grid: Grid, axis: str, async_op: bool = False) -> Any
     return dist.all_reduce(t, group=grid.group(axis), async_op=async_op)
 
 
+def stand_in(t: Tensor) -> bool:
+    """Whether ``t`` holds no data: a fake tensor of the pipeline's trace, or a dry run's meta
+    tensor. False while ``torch.compile`` traces: its tensors are fake then but real when the graph
+    runs, and Dynamo refuses to trace ``is_fake`` (a graph break in every layer, after which each
+    layer's Functions ran eagerly)."""
+    return not torch.compiler.is_compiling() and (t.is_meta or is_fake(t))
+
+
 class _DropLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, grid: Grid, axis: str) -> Tensor:
@@ -218,7 +226,8 @@ def _product(t: Tensor, wt: Tensor, grid: Grid, sum_axis: str | None, chunks: in
     last chunk's all-reduce is exposed, instead of the whole one. The chunks are slices of one
     output buffer, so nothing is copied. Fake and meta tensors (the pipeline's trace, a dry run) are
     never split: there is nothing to overlap."""
-    split = sum_axis is not None and chunks > 1 and not (t.is_meta or is_fake(t))
+    # Not under torch.compile either: it cannot trace async collectives, and schedules its own.
+    split = sum_axis is not None and chunks > 1 and not (torch.compiler.is_compiling() or stand_in(t))
     bounds = overlap_bounds(t.shape[:-1].numel(), chunks) if split else []
     if len(bounds) <= 1:
         out = t @ wt
@@ -247,7 +256,9 @@ def _matmul_grads(ctx: Any, g: Tensor, t: Tensor, w: Tensor, want_t: bool,
     if want_t:
         gt = g @ w.t() if ctx.transposed else g @ w
         if ctx.axis is not None:
-            work = _all_reduce(gt, ctx.grid, ctx.axis, async_op=True)
+            # Traced by torch.compile (which cannot trace async collectives), it is a plain
+            # all-reduce that the compiler itself may overlap with dw.
+            work = _all_reduce(gt, ctx.grid, ctx.axis, async_op=not torch.compiler.is_compiling())
     if want_w:
         g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
         gw = t2.t() @ g2 if ctx.transposed else g2.t() @ t2

@@ -46,12 +46,11 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid
-from .comm import COUNTER, depth_gather
+from .comm import COUNTER, depth_gather, stand_in
 from .layers import LoadsFullTensors, gather_full, spec_of
 from .regather import BlockRegather
 
@@ -182,7 +181,10 @@ class ShardedExperts(LoadsFullTensors):
         blocks = {n: depth_gather(p, grid, spec_of(p).block_shape) for n, p in pieces.items()}  # every z rank,
         self._parameters.update(blocks)  # every time: no routing decides it
         regather = None
-        if self.reshard_after_forward and blocks and torch.is_grad_enabled() and not is_fake(next(iter(blocks.values()))):
+        # Not under torch.compile: its graph keeps what backward needs, and saved-tensor hooks that
+        # gather again are not traceable.
+        if (self.reshard_after_forward and blocks and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not stand_in(next(iter(blocks.values())))):
             regather = BlockRegather(grid, pieces, blocks)
         try:
             with regather.saving() if regather is not None else contextlib.nullcontext():

@@ -34,13 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
 from ..runtime.grid import Grid
 from ..runtime.params import set_grad_axes, set_shard_axes
 from ..runtime.state import current_grid, is_initialized
 from .comm import (all_gather_flat, all_reduce, depth_gather, depth_matmul, drop_last, gather_last, matmul,
-                   matmul_dtype, slice_last)
+                   matmul_dtype, slice_last, stand_in)
 from .layout import ShardSpec
 from .prefetch import Prefetcher
 
@@ -139,7 +138,9 @@ class ShardedModule(LoadsFullTensors):
         return matmul_dtype(self.weight)
 
     def _prefetched(self, grid: Grid) -> Tensor | None:
-        if self.prefetcher is None or is_fake(self.weight):  # no prefetch while the pipeline traces
+        # None while the pipeline traces, and under torch.compile: the prefetcher's bookkeeping
+        # and async gathers are Python state no graph can hold.
+        if self.prefetcher is None or torch.compiler.is_compiling() or stand_in(self.weight):
             return None
         return self.prefetcher.gathered(self, grid)
 
