@@ -41,12 +41,14 @@ def test_every_user_line_is_commented(path):
 
 
 def test_sbatch_cpu_one_node(slurm, tmp_path):  # noqa: F811
+    """2 of the script's 4 tasks (--ntasks on the command line overrides #SBATCH): the same
+    x=2 grid with dp=1; each rank's start-up (torch, transformers) is seconds of CPU here."""
     out = tmp_path / "m.csv"
-    rc, log = sbatch([f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_1node.sbatch")],
+    rc, log = sbatch([f"--output={tmp_path}/job.out", "--time=5", "--ntasks=2", str(LAUNCH / "slurm_cpu_1node.sbatch")],
                      {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
     job = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert rc == 0, log + job
-    assert "[autopar] srun:" in job and "launcher=slurm world=4" in job, job
+    assert "[autopar] srun:" in job and "launcher=slurm world=2" in job, job
     _two_steps(out)
 
 
