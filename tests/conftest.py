@@ -46,6 +46,18 @@ def _close_leaky_pools():
             pool.threads = 0
 
 
+@pytest.fixture(scope="session")
+def gpt_reference(tmp_path_factory):
+    """The folder of one uninterrupted run of ``gpt_job``'s job: the reference of both preemption
+    tests (``test_resume``, ``test_resume_slurm``), run once for the two."""
+    from gpt_job import finish, launch
+
+    out = tmp_path_factory.mktemp("gpt-reference")
+    for rc, log in finish(launch(str(out))):
+        assert rc == 0, log
+    return str(out)
+
+
 _module_seconds: dict[str, float] = {}
 
 

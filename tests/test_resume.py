@@ -5,23 +5,21 @@ The resume test runs on dp=2 x x=2 (4 ranks): a run killed after step 5, with st
 every 2 steps, resumes from step 4 on an engine built from another seed and must end bit-equal to
 the uninterrupted 7 steps (same grid, same summation order). A damaged newest checkpoint makes
 ``resume`` fall back to the older one, still bit-equal. The preemption test starts the GPT-2
-example as 2 processes (no launcher in between, so the test knows each rank's pid), sends SIGUSR1
-to rank 1 only, and checks that both ranks saved the same step and exited 0 and that the resumed
-job's final checkpoint equals an uninterrupted job's file for file.
+example as 2 processes on dp=2 (no launcher in between, so the test knows each rank's pid), sends
+SIGUSR1 to rank 1 only, and checks that both ranks saved the same step and exited 0 and that the
+resumed job's final checkpoint equals an uninterrupted job's (``gpt_reference``) file for file.
 """
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import torch
 from torch.utils.data import Dataset
 
 import autopar
-from slurm import REPO, clean_env, free_ports, kill_session
+from gpt_job import STEPS as JOB_STEPS, finish, launch, safetensors_equal
 from test_checkpoint import LR, gpt2
 
 GRID = dict(dp=2, x=2)
@@ -119,36 +117,6 @@ def test_resume_with_nothing_to_resume(pool4, tmp_path):
 
 
 # --- a real signal to one rank -------------------------------------------------------------------
-EXAMPLE = [str(REPO / "examples" / "train_gpt.py"), "--grid", "dp=2", "--global-batch", "8", "--seq-len", "64",
-           "--layers", "4", "--hidden", "128", "--heads", "4", "--save-every", "1000"]
-PREEMPT_STEPS = 60
-
-
-def _launch(out: str, steps: int) -> list[subprocess.Popen]:
-    port = free_ports(1)[0]
-    procs = []
-    for rank in range(2):
-        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, *EXAMPLE, "--steps", str(steps), "--out", f"{out}/metrics.csv",
-                                       "--ckpt-dir", f"{out}/ckpt"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
-    return procs
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                kill_session(p.pid)
-    return results
-
-
 def _rows(out: str) -> int:
     try:
         with open(f"{out}/metrics.csv") as f:
@@ -157,36 +125,29 @@ def _rows(out: str) -> int:
         return 0
 
 
-def test_signal_to_one_rank_saves_on_all_and_resumes_equal(tmp_path):
-    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    for rc, log in _finish(_launch(ref, PREEMPT_STEPS)):
-        assert rc == 0, log
-    procs = _launch(run, PREEMPT_STEPS)
+def test_signal_to_one_rank_saves_on_all_and_resumes_equal(gpt_reference, tmp_path):
+    run = str(tmp_path / "run")
+    procs = launch(run)
     deadline = time.monotonic() + 240
     while _rows(run) < 3 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     sent = time.monotonic()
     procs[1].send_signal(signal.SIGUSR1)
-    results = _finish(procs)
+    results = finish(procs)
     elapsed = time.monotonic() - sent
     for rc, log in results:
         assert rc == 0, log
     saved = os.listdir(f"{run}/ckpt")
     assert len(saved) == 1, saved
     stopped = int(saved[0].removeprefix("step-"))
-    assert 3 <= stopped < PREEMPT_STEPS, results[0][1]
+    assert 3 <= stopped < JOB_STEPS, results[0][1]
     # Rank 0 was not signalled, yet it learnt of rank 1's signal at the same step and saved with it.
     assert f"preempted (another rank's signal) after step {stopped}: saved" in results[0][1], results[0][1]
     print(f"signal to exit of both ranks: {elapsed:.2f} s; stopped after step {stopped}")
-    resumed = _finish(_launch(run, PREEMPT_STEPS))
+    resumed = finish(launch(run))
     for rc, log in resumed:
         assert rc == 0, log
     assert f"resumed after step {stopped}" in resumed[0][1], resumed[0][1]
-    final = f"step-{PREEMPT_STEPS:08d}"
-    for name in sorted(os.listdir(f"{ref}/ckpt/{final}")):
-        if name.endswith(".safetensors"):
-            with open(f"{ref}/ckpt/{final}/{name}", "rb") as a, open(f"{run}/ckpt/{final}/{name}", "rb") as b:
-                assert a.read() == b.read(), name
+    safetensors_equal(gpt_reference, run)
     with open(f"{run}/metrics.csv") as f:
-        assert [int(line.split(",")[0]) for line in f.readlines()[1:]] == list(range(1, PREEMPT_STEPS + 1))
-
+        assert [int(line.split(",")[0]) for line in f.readlines()[1:]] == list(range(1, JOB_STEPS + 1))
