@@ -5,6 +5,7 @@ The ``slurm`` fixture is module-scoped: a test module imports it (``from slurm i
 and gets its own Slurm, started once for the module and stopped after it.
 """
 import os
+import random
 import re
 import shutil
 import signal
@@ -150,9 +151,10 @@ def slurm() -> dict[str, str]:
     shutil.chown(root / "munge", "munge", "munge")
     conf = root / "slurm.conf"
     ctld_port, d_port = free_ports(2)
-    # first_job: job ids, and so the srun rendezvous ports derived from them, differ between runs.
+    # first_job: job ids, and so the srun rendezvous ports derived from them, differ between runs
+    # and between the Slurms of one run (a pid-derived id gave every module the same ids).
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], root=root, ctld_port=ctld_port,
-                                      d_port=d_port, first_job=1000 + os.getpid() % 40000, cpus=os.cpu_count()))
+                                      d_port=d_port, first_job=random.randrange(1000, 1_000_000), cpus=os.cpu_count()))
     env = clean_env(SLURM_CONF=str(conf), PATH=SBIN_PATH)
     pidfiles = [root / "munge" / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     try:

@@ -9,7 +9,7 @@ import torch
 
 import autopar
 from autopar.runtime.grid import resolve_sizes
-from autopar.runtime.launcher import Launch, detect_launch, expand_hostlist
+from autopar.runtime.launcher import Launch, detect_launch, expand_hostlist, slurm_port
 
 SRUN_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
              "SLURM_STEP_ID": "0", "SLURM_NODELIST": "gpu[07-08,10]", "SLURM_STEP_NODELIST": "gpu[08,10]",
@@ -40,8 +40,11 @@ def test_srun_step():
     allocation's first node) and the port is derived from the job id, so every rank agrees
     without talking."""
     launch = detect_launch(SRUN_STEP)
-    assert launch == Launch("slurm", 5, 8, 1, "gpu08", 10000 + 123456 % 50000)
+    assert launch == Launch("slurm", 5, 8, 1, "gpu08", slurm_port(123456))
     assert detect_launch({**SRUN_STEP, "SLURM_JOB_ID": "123457"}).master_port == launch.master_port + 1
+    # Never in Linux's ephemeral range, where any process's socket may hold the port already.
+    ephemeral = 32768
+    assert all(1024 < slurm_port(job) < ephemeral for job in range(0, 200_000, 7))
 
 
 def test_srun_without_step_nodelist_uses_nodelist():

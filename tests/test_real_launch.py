@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autopar.runtime.launcher import detect_launch
+from autopar.runtime.launcher import detect_launch, slurm_port
 from slurm import REPO, TIMEOUT_S, clean_env, free_ports, kill_session, run, slurm  # noqa: F401 (slurm: fixture)
 
 SCRIPT = str(REPO / "tests" / "scripts" / "launch_check.py")
@@ -108,4 +108,4 @@ def test_real_sbatch_and_srun_environments(slurm, tmp_path):
     steps = [detect_launch(read(f"step.{r}.env")) for r in range(2)]
     assert [(s.launcher, s.rank, s.world_size) for s in steps] == [("slurm", 0, 2), ("slurm", 1, 2)]
     assert {s.master_addr for s in steps} == {socket.gethostname().split(".")[0]}
-    assert {s.master_port for s in steps} == {10000 + int(batch["SLURM_JOB_ID"]) % 50000}
+    assert {s.master_port for s in steps} == {slurm_port(int(batch["SLURM_JOB_ID"]))}

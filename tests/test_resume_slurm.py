@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gpt_job import ARGS, STEPS, safetensors_equal
-from slurm import REPO, slurm, wait_job  # noqa: F401 (slurm: fixture)
+from slurm import ENDED, REPO, job_state, slurm, wait_job  # noqa: F401 (slurm: fixture)
 
 SCRIPT = REPO / "examples" / "launch" / "slurm_cpu_1node.sbatch"
 BIN = str(Path(sys.executable).parent)
@@ -58,7 +58,9 @@ def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(slurm, g
     job = _submit(slurm, run)
     deadline = time.monotonic() + 300
     while len(_rows(run)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)
+        # A job that ended before its third step (it failed) is reported now, with its log.
+        assert job_state(slurm, job)[0] not in ENDED, f"job {job} ended before step 3:\n{_log(run)}"
+        time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True, timeout=30)
     state = _wait(slurm, job, run)
     log = _log(run)

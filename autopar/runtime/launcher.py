@@ -98,13 +98,26 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
         if addr is None:
             addr = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env["SLURM_NODELIST"])[0]
         if port is None:
-            port = 10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000
+            port = slurm_port(int(env.get("SLURM_JOB_ID", "0")))
         return Launch("slurm", int(env["SLURM_PROCID"]), _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
                       _int(env, "SLURM_LOCALID", default=0), addr, port)
     if any(k in env for k in ("PMIX_RANK", "MV2_COMM_WORLD_RANK", "ALPS_APP_PE")) \
             or env.get("AUTOPAR_LAUNCHER") == "mpi":
         return _launch_from_mpi4py(addr, port)
     return Launch("none", 0, 1, 0, addr or "127.0.0.1", port)
+
+
+SLURM_PORTS = (15000, 32000)
+"""Where a Slurm step's rendezvous port is taken from: below Linux's default ephemeral range
+(32768-60999, ``net.ipv4.ip_local_port_range``), where the OS hands ports to any process's
+sockets. The former ``10000 + job % 50000`` fell inside it for most job ids and once met a
+port another process on the node held (EADDRINUSE, the whole step failed)."""
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port every task of a Slurm job derives alike from its job id."""
+    low, high = SLURM_PORTS
+    return low + job_id % (high - low)
 
 
 def _launch_from_mpi4py(addr: str | None, port: int | None) -> Launch:
