@@ -6,6 +6,7 @@ them, and importing torch first would cost the launcher seconds before any rank 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from .runtime import Grid, current_grid, destroy, init, shard_batch
     from .runtime.preempt import PreemptionHook
 
-# Each public name and the module it comes from ("" for a subpackage of that name).
+# Each public name and the module it comes from ("" for a subpackage of that name; any other
+# subpackage, such as ``autopar.pipeline``, also loads on first attribute access, as it did when
+# everything was imported eagerly).
 _WHERE = {
     "CheckpointError": ".checkpoint", "from_pretrained": ".checkpoint", "full_state_dict": ".checkpoint",
     "load_checkpoint": ".checkpoint", "resume": ".checkpoint", "save_checkpoint": ".checkpoint",
@@ -39,11 +42,12 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'autopar' has no attribute {name!r}")
-    value = importlib.import_module(where or f".{name}", __name__)
     if where:
-        value = getattr(value, name)
+        value = getattr(importlib.import_module(where, __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a subpackage: autopar.pipeline, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'autopar' has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function
     return value
 

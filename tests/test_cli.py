@@ -44,10 +44,14 @@ def test_launcher_starts_without_torch():
              "            autopar.cli.main(argv)\n"
              "        except SystemExit:\n"
              "            pass\n"
-             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+             # then the lazy package still reaches its subpackages as the eager one did
+             "import autopar\n"
+             "print(autopar.pipeline.SCHEDULES[0], autopar.runtime.state.GRID_ENV, autopar.init.__module__)\n")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=clean_env(), capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == ["[]", "gpipe AUTOPAR_GRID autopar.runtime.state"], out.stdout + out.stderr
 
 
 def test_init_reads_autopar_grid(monkeypatch):

@@ -6,6 +6,7 @@ text form, which the launcher needs) is importable without torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .gridspec import AXES, TP_AXES
@@ -22,9 +23,12 @@ __all__ = ["AXES", "TP_AXES", "Grid", "current_grid", "destroy", "init", "is_ini
 
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
-    if where is None:
+    if where is not None:
+        value = getattr(importlib.import_module(where, __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a module: runtime.state, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'autopar.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where, __name__), name)
     globals()[name] = value
     return value
 
