@@ -25,6 +25,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _job_env(slurm_env: dict[str, str], tmp_path: Path, out: Path) -> dict[str, str]:
+    """The sbatch scripts' checkpoints go to the test's folder: by default they go to
+    runs/slurm-<job id>/ under the submit directory, and a job that finds a folder of an earlier
+    job with its id resumes from it (that is how a requeued job goes on)."""
+    return {**slurm_env, "PATH": f"{BIN}:{slurm_env['PATH']}", "CKPT_DIR": str(tmp_path / "ckpt"),
+            "ARGS": f"{TINY} --out {out}"}
+
+
 def _two_steps(csv_path: Path) -> None:
     with open(csv_path, newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
@@ -45,7 +53,7 @@ def test_sbatch_cpu_one_node(slurm, tmp_path):  # noqa: F811
     x=2 grid with dp=1; each rank's start-up (torch, transformers) is seconds of CPU here."""
     out = tmp_path / "m.csv"
     rc, log = sbatch([f"--output={tmp_path}/job.out", "--time=5", "--ntasks=2", str(LAUNCH / "slurm_cpu_1node.sbatch")],
-                     {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
+                     _job_env(slurm, tmp_path, out), timeout=400)
     job = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert rc == 0, log + job
     assert "[autopar] srun:" in job and "launcher=slurm world=2" in job, job
@@ -57,7 +65,7 @@ def test_sbatch_cpu_multinode_on_one_node(slurm, tmp_path):  # noqa: F811
     out = tmp_path / "m.csv"
     rc, log = sbatch(["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--overcommit",
                       f"--output={tmp_path}/job.out", "--time=5", str(LAUNCH / "slurm_cpu_multinode.sbatch")],
-                     {**slurm, "PATH": f"{BIN}:{slurm['PATH']}", "ARGS": f"{TINY} --out {out}"}, timeout=400)
+                     _job_env(slurm, tmp_path, out), timeout=400)
     job = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert rc == 0, log + job
     assert "AUTOPAR_GRID=pp=1,x=2" in job, job

@@ -4,6 +4,7 @@ connection, under every schedule, on pp=2, pp=4 and pp=2 x dp=2 gloo grids. Plus
 on their own (partition, schedules, the zero-bubble backward split) and every bad input."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -32,7 +33,9 @@ def _loss_fn(name: str):
     return (lambda out, b: out["loss"]) if name == "skip" else None
 
 
+@functools.lru_cache(maxsize=None)
 def _serial(name: str, layers: int, opt: str, steps: int, clip: float | None):
+    """Cached: the pool's ranks live for the session, and the schedules of one model share it."""
     batches = [batch(name, GLOBAL_BATCH, seed=s + 1) for s in range(steps)]
     return train_serial(build(name, layers), batches, _optimizer(opt), output_loss, clip, call=hf_call)[:2]
 
