@@ -23,7 +23,7 @@ VOCAB = 64
 
 def _llama(parallel: bool) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
     if not parallel:
         return transformers.LlamaForCausalLM(cfg).double()

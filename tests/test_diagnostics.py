@@ -8,6 +8,7 @@ seconds. Timings are asserted against that timeout: a report that only came from
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -108,7 +109,19 @@ def test_a_stuck_heartbeat_does_not_keep_the_groups(pool4):
         assert left < GROUP_THREADS, f"{left} more threads after destroy(): the stuck beat keeps a group alive"
 
 
-def _hang(sleeper: int, sync_rank: int, async_rank: int) -> dict[str, Any]:
+def _gave_up(folder: str, rank: int) -> None:
+    open(os.path.join(folder, str(rank)), "w").close()
+
+
+def _nap(limit: float, folder: str, ranks: tuple[int, ...]) -> None:
+    """'Compute' until every rank of ``ranks`` has given up on this one (``_gave_up``), at most
+    ``limit`` s: joining later only makes the test longer."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end and not all(os.path.exists(os.path.join(folder, str(r))) for r in ranks):
+        time.sleep(0.05)
+
+
+def _hang(sleeper: int, sync_rank: int, async_rank: int, folder: str) -> dict[str, Any]:
     grid = autopar.init(dp=2, x=2, timeout=T)  # rank order x fastest: dp groups [0,2] and [1,3]
     for _ in range(2):
         dist.all_reduce(torch.ones(8), group=grid.group("dp"))
@@ -117,7 +130,7 @@ def _hang(sleeper: int, sync_rank: int, async_rank: int) -> dict[str, Any]:
     start = time.monotonic()
     try:
         if grid.rank == sleeper:
-            time.sleep(T + 3)  # "compute" longer than the timeout, then join too late
+            _nap(T + 3, folder, (sync_rank, async_rank))  # "compute" past the timeout, then join too late
             dist.all_reduce(torch.ones(8), group=grid.group("dp"))
         elif grid.rank == sync_rank:
             dist.all_reduce(torch.ones(8), group=grid.group("dp"))
@@ -125,14 +138,15 @@ def _hang(sleeper: int, sync_rank: int, async_rank: int) -> dict[str, Any]:
             dist.all_reduce(torch.ones(8), group=grid.group("x"), async_op=True).wait()
     except RuntimeError as e:
         out["error"], out["type"] = str(e), type(e).__name__
+        _gave_up(folder, grid.rank)
     out["elapsed"] = time.monotonic() - start
     return out
 
 
-def test_rank_stuck_in_compute_is_named_within_the_timeout(pool4):
+def test_rank_stuck_in_compute_is_named_within_the_timeout(pool4, tmp_path):
     """Rank 3 sleeps in 'compute' past the timeout; rank 1 waits for it in a dp all_reduce
     (sync), rank 2 in an x all_reduce (async, then wait). Both name rank 3 and where it is."""
-    out = pool4.run(_hang, 3, 1, 2)
+    out = pool4.run(_hang, 3, 1, 2, str(tmp_path))
     for r in (1, 2):
         msg = out[r]["error"]
         assert msg is not None and out[r]["type"] == "CollectiveHangError", out[r]
@@ -154,14 +168,14 @@ class Sleepy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-        self.nap = 0.0
+        self.nap: Callable[[], None] = lambda: None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.nap)
+        self.nap()
         return self.net(x)
 
 
-def _engine_hang() -> dict[str, Any]:
+def _engine_hang(folder: str) -> dict[str, Any]:
     grid = autopar.init(dp=2, x=2, timeout=T)
     torch.manual_seed(0)
     with autopar.auto_parallelize():
@@ -171,22 +185,24 @@ def _engine_hang() -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     batch = autopar.shard_batch((torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)))
     engine.step(batch)
-    model.nap = 3 * T if grid.rank == 3 else 0.0  # asleep until all the others have given up
+    if grid.rank == 3:  # asleep until all the others have given up
+        model.nap = functools.partial(_nap, 3 * T, folder, (0, 1, 2))
     out: dict[str, Any] = {"error": None, "type": None}
     start = time.monotonic()
     try:
         engine.step(batch)
     except RuntimeError as e:
         out["error"], out["type"] = str(e), type(e).__name__
+        _gave_up(folder, grid.rank)
     out["elapsed"] = time.monotonic() - start
     return out
 
 
-def test_engine_step_names_the_rank_sleeping_in_its_forward(pool4):
+def test_engine_step_names_the_rank_sleeping_in_its_forward(pool4, tmp_path):
     """Rank 3 sleeps in forward during a dp=2 x x=2 step: its x peer (rank 2) and dp peer
     (rank 1) name it as stuck in compute; rank 0, whose dp peer is rank 2, learns that rank 2
     waits in a collective on the x group [2,3]. All of them within the timeout, not a multiple."""
-    out = pool4.run(_engine_hang)
+    out = pool4.run(_engine_hang, str(tmp_path))
     for r in (0, 1, 2):
         print(f"engine hang: rank {r} raised {out[r]['type']} {out[r]['elapsed']:.2f} s into the step (timeout {T} s)")
         assert out[r]["type"] == "CollectiveHangError", out[r]

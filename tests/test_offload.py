@@ -394,3 +394,30 @@ def test_a_graph_saved_under_the_meter_does_not_hold_the_model():
     finally:
         sys.unraisablehook = hook
     assert not raised, [str(r.exc_value) for r in raised]
+
+
+def test_an_output_saved_at_an_old_parameter_address_does_not_leak_its_graph():
+    """The meter leaves parameters' storage uncounted by address, and a parameter that moved
+    (into a gradient bucket's flat buffer) frees its old address for the next activation. An op
+    that saves its own output (tanh here, attention in the model where it was seen) then had
+    that output packed as itself: output -> grad_fn -> saved output, a cycle in C++ that the GC
+    cannot break. With ``retain_graph=True`` (zero bubble's input-gradient pass) the graph, and
+    the tensor-parallel Functions' grids in it, outlived ``destroy()`` on 1 or 2 of 4 ranks."""
+    import weakref
+
+    from autopar.offload.memory import ActivationMeter
+
+    model = nn.Linear(8, 16)
+    meter = ActivationMeter(model)
+    x = torch.randn(4, 8, requires_grad=True)
+    with meter:
+        h = model(x)
+        out = torch.empty_like(h)
+        meter._params.add(out.untyped_storage().data_ptr())  # as if a moved parameter had lived there
+        out.copy_(h).tanh_()  # tanh saves its output: ``out`` itself
+        loss = out.sum()
+    torch.autograd.grad(loss, [x], retain_graph=True)
+    gone = weakref.ref(out)
+    del loss, out, h
+    gc.collect()
+    assert gone() is None, "the graph stayed alive: a saved output held its own grad_fn"

@@ -44,7 +44,7 @@ class _Saved:
 
 def _pack_into(meter_ref: "weakref.ref[ActivationMeter]", tensor: torch.Tensor) -> Any:
     meter = meter_ref()
-    return tensor if meter is None else meter._pack(tensor)
+    return tensor.detach() if meter is None else meter._pack(tensor)
 
 
 class ActivationMeter:
@@ -80,10 +80,17 @@ class ActivationMeter:
             self._hooks = None
 
     def _pack(self, tensor: torch.Tensor) -> Any:
+        # Whatever is kept is detached: an op that saves its own output (softmax, attention)
+        # would otherwise hold a tensor whose grad_fn holds the saved value, a cycle through C++
+        # that Python's GC cannot see, so a graph that never runs backward (the pipeline's traced
+        # loss) or that keeps its buffers (zero bubble's input-gradient pass, retain_graph=True)
+        # leaked with every tensor it saved, and the grid's groups through the Functions' ctx.
+        # That includes the unmetered tensors: ``_params`` holds addresses, and once a parameter
+        # moves (into a gradient bucket's flat buffer) an activation can take its old address.
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key == 0 or key in self._params:
-            return tensor
+            return tensor.detach()
         entry = self._live.get(key)
         if entry is None:
             self._live[key] = [1, storage.nbytes()]
@@ -91,10 +98,6 @@ class ActivationMeter:
             self.peak = max(self.peak, self._current)
         else:
             entry[0] += 1
-        # Detached: an op that saves its own output (softmax, exp, tanh) would otherwise hold,
-        # through this object, a tensor whose grad_fn holds this object, a cycle through C++
-        # that Python's GC cannot see; a graph that never runs backward (the pipeline's traced
-        # loss) then leaked with every tensor it saved.
         return _Saved(self._weak, key, tensor.detach())
 
     @staticmethod
