@@ -68,7 +68,9 @@ class BlockRegather:
             if name is not None:
                 self.saved += 1
                 return (name, t.size(), t.stride(), t.storage_offset())
-            return ("outer", outer[0](t)) if outer is not None else t
+            # Detached, as the activation meter packs: a saved output kept as itself would hold
+            # its own grad_fn, a cycle the GC cannot break while the graph is retained.
+            return ("outer", outer[0](t)) if outer is not None else t.detach()
         return pack
 
     def _unpacker(self, outer: tuple[Callable, Callable] | None) -> Callable[[Any], Tensor]:
