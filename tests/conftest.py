@@ -4,7 +4,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mp import IDLE_THREADS, RankPool  # noqa: E402
+from mp import IDLE_THREADS, LEAKS, RankPool  # noqa: E402
 
 
 # One pool per size for the whole session: started once per module, pools were a fifth of the
@@ -75,3 +75,7 @@ def pytest_terminal_summary(terminalreporter):
     for module, seconds in sorted(_module_seconds.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{seconds:8.1f}  {module}")
     terminalreporter.write_line(f"{sum(_module_seconds.values()):8.1f}  total")
+    if LEAKS:
+        terminalreporter.write_sep("-", "rank functions that left process groups alive after destroy()")
+        for world, name, threads in LEAKS:
+            terminalreporter.write_line(f"{name} on {world} ranks: {threads} threads on a rank")

@@ -28,6 +28,10 @@ GRACE_S = 15.0  # how long the other ranks may still take after one rank failed
 # threads' polling slows every later test (none is known to leak now; this is the backstop).
 RESTART_THREADS = 40
 IDLE_THREADS = 16  # a pool left idle (between modules) with more than this is closed: its leaked threads spin
+# (world size, function, threads) of every run that left a rank above IDLE_THREADS: the pool
+# recovers by restarting, and the test summary lists them, since each is a destroy() that left a
+# process group alive (zero bubble's retained graph was found this way).
+LEAKS: list[tuple[int, str, int]] = []
 
 
 def _worker(rank: int, world_size: int, port: int, inbox: mp.Queue, outbox: mp.Queue) -> None:
@@ -170,6 +174,8 @@ class RankPool:
                 deadline = min(deadline, time.monotonic() + self.grace)
         if len(results) == self.world_size:
             self.threads = threads
+            if threads > IDLE_THREADS:
+                LEAKS.append((self.world_size, fn.__name__, threads))
             if threads > RESTART_THREADS:
                 self.close()
             return [results[r] for r in range(self.world_size)]
