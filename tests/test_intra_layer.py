@@ -422,7 +422,7 @@ def _saved_bytes(engine: autopar.Engine, data: object, params: set[int]) -> tupl
     def pack(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in params:
             saved[0] += t.numel() * t.element_size()
-        return t
+        return t.detach()  # kept as itself, a saved output would hold its own grad_fn: a leak
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = engine.step(autopar.shard_batch(data))
