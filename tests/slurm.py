@@ -155,8 +155,9 @@ def slurm() -> dict[str, str]:
     # and between the Slurms of one run (a pid-derived id gave every module the same ids). From
     # the OS, not ``random``: an in-process ``autopar.init`` seeds ``random`` in the test process,
     # which made the id the same in every run.
+    first_job = random.SystemRandom().randrange(1000, 1_000_000)
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], root=root, ctld_port=ctld_port,
-                                      d_port=d_port, first_job=random.SystemRandom().randrange(1000, 1_000_000), cpus=os.cpu_count()))
+                                      d_port=d_port, first_job=first_job, cpus=os.cpu_count()))
     env = clean_env(SLURM_CONF=str(conf), PATH=SBIN_PATH)
     pidfiles = [root / "munge" / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
     try:
