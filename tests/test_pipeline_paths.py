@@ -107,7 +107,10 @@ def check_padded_changing_lengths(grid: dict, dtype: torch.dtype, schedule: str,
         evals.append(engine.eval_step(autopar.shard_batch(_padded(50 + step, 6))))
     full = autopar.full_state_dict(engine)
     lr = engine.optimizer.param_groups[0]["lr"]
+    # One trace per shape; only the first, which decides the split, counts FLOPs.
+    counted = [plan.flow.flops is not None for plan in engine.pipeline.plans.values()]
     autopar.destroy()
+    assert counted == [True] + [False] * (len(counted) - 1) and len(counted) > 2, counted
     ref_losses, ref_evals, ref, start = _serial(dtype, scheduler)
     case = f"{grid} {dtype} {schedule} M={m} tp={parallel} sched={scheduler}"
     tol = 1e-5 if dtype == torch.float32 else 1e-12

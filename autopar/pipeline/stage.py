@@ -226,7 +226,8 @@ class Pipeline:
 
     # -- tracing (once per microbatch signature) --------------------------------------------
     def _trace(self, micro: Any, device: torch.device) -> Flow:
-        self.tracer = Tracer(self.model, self.units.names, self.units.modules, set(self.units.glue), device)
+        self.tracer = Tracer(self.model, self.units.names, self.units.modules, set(self.units.glue), device,
+                             count_flops=self.chunk_of is None)
         try:
             with self.tracer.active():
                 loss = self.loss(self.call(self.model, micro), micro)

@@ -20,7 +20,10 @@ real ``forward`` runs with every unit intercepted:
   the same walk records which call position (or the loss) uses each of them, so the engine
   can check they live on the stage that needs them.
 
-A ``FlopCounterMode`` counts the forward FLOPs per unit on the way (meta ops are counted too).
+A ``FlopCounterMode`` counts the forward FLOPs per unit on the way (meta ops are counted too),
+but only in the trace that decides the split: they are its cost model and nothing else reads
+them. Later traces (each new microbatch shape, e.g. padded batches of a new length) skip it: a
+second Python dispatch mode over every op took 10-30% of a trace.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class Flow:
     order: list[int]                      # unit index (registration order) per call position
     specs: list[Any]                      # pytree spec of each unit's output
     leaves: list[list[Any]]               # per output leaf: a TensorMeta, or the value itself
-    flops: list[float]                    # forward FLOPs of one microbatch, glue included
+    flops: list[float] | None             # forward FLOPs of one microbatch, glue included (split trace only)
     deps: list[set[Key]]                  # unit outputs each call position consumes (glue included)
     final_deps: set[Key] = field(default_factory=set)  # what the loss needs
     glue_uses: dict[str, set[int]] = field(default_factory=dict)  # glue parameter -> positions / FINAL
@@ -141,15 +144,15 @@ class Tracer:
     """Runs the model once with every unit intercepted; see the module docstring."""
 
     def __init__(self, model: nn.Module, names: list[str], modules: list[nn.Module], glue: set[str],
-                 device: torch.device) -> None:
+                 device: torch.device, count_flops: bool) -> None:
         self.names, self.modules, self.device = names, modules, device
         # The model's parameters as they are now (stand-ins where another stage holds them).
         self.all_params = dict(model.named_parameters())
         self.params = {id(p): (n, n in glue) for n, p in self.all_params.items()}
         self.leaf_keys: dict[int, Key] = {}
         self.keep: list[torch.Tensor] = []
-        self.flow = Flow([], [], [], [], [])
-        self.counter = FlopCounterMode(display=False)
+        self.flow = Flow([], [], [], [] if count_flops else None, [])
+        self.counter = FlopCounterMode(display=False) if count_flops else None
         self.mark = 0
 
     @contextlib.contextmanager
@@ -160,7 +163,7 @@ class Tracer:
         for p in self.all_params.values():
             p.requires_grad_(True)
         try:  # the glue's graph is what the dependencies are read from, even in eval_step
-            with torch.enable_grad(), self.counter:
+            with torch.enable_grad(), self.counter or contextlib.nullcontext():
                 yield
         finally:
             for n, p in self.all_params.items():
@@ -189,9 +192,10 @@ class Tracer:
                 f"module {self.names[unit]!r} cannot run on fake tensors to find the shapes "
                 f"that cross stages ({type(e).__name__}: {e}); a unit must not read tensor values "
                 f"on the host. {fix_hint()}") from e
-        now = self.counter.get_total_flops()
-        flow.flops.append(float(now - self.mark))
-        self.mark = now
+        if self.counter is not None:
+            now = self.counter.get_total_flops()
+            flow.flops.append(float(now - self.mark))
+            self.mark = now
         leaves, spec = tree_flatten(out)
         metas, fresh = [], []
         for leaf in leaves:
@@ -214,6 +218,6 @@ class Tracer:
     def finish(self, loss: torch.Tensor) -> Flow:
         flow = self.flow
         flow.final_deps = _sources(loss, self.leaf_keys, self.params, flow.glue_uses, FINAL)
-        if flow.flops:
+        if flow.flops:  # the glue after the last unit (the loss) counts with it
             flow.flops[-1] += float(self.counter.get_total_flops() - self.mark)
         return flow
