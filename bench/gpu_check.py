@@ -98,7 +98,7 @@ class Size:
 
 FULL = Size(layers=12, hidden=768, heads=12, vocab=50257, seq=1024, batch=16, warmup=3, steps=10,
             compile_backend="inductor")
-DRY = Size(layers=2, hidden=64, heads=4, vocab=256, seq=32, batch=4, warmup=1, steps=2, compile_backend="aot_eager")
+DRY = Size(layers=1, hidden=64, heads=4, vocab=256, seq=32, batch=4, warmup=1, steps=2, compile_backend="aot_eager")
 
 
 def _reason(exc: BaseException) -> str:
