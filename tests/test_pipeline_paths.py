@@ -292,3 +292,76 @@ def check_first_step_leaves_no_graph() -> list[str]:
 
 def test_first_step_leaves_no_autograd_graph_alive(pool4):
     assert pool4.run(check_first_step_leaves_no_graph) == [[]] * 4
+
+
+# --- like units are traced once ------------------------------------------------------------------
+class _Cut(nn.Module):
+    """Keeps ``keep[0]`` of its 8 features. A list, so the trace cannot tell a 6 from an 8: blocks
+    of both kinds look alike to it, and a reused trace gets the width of the first one."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.keep = [keep]
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(h)[..., :self.keep[0]]
+
+
+class _Cuts(nn.Module):
+    def __init__(self, keeps: tuple[int, ...]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Cut(k) for k in keeps)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        h = x
+        for block in self.blocks:
+            h = block(h)
+            h = F.pad(h, (0, 8 - h.shape[-1]))
+        return {"loss": F.mse_loss(h, y)}
+
+
+def test_like_units_are_traced_once_and_unlike_ones_each():
+    from autopar.pipeline.trace import Tracer
+
+    torch.manual_seed(0)
+    model = _Cuts((8, 8, 8))
+    model.blocks[2].lin = nn.Linear(8, 8, bias=False)  # unlike: no bias
+    modules = list(model.blocks)
+    tracer = Tracer(model, [f"blocks.{i}" for i in range(3)], modules, set(), torch.device("cpu"), count_flops=True)
+    h = torch.randn(2, 8, requires_grad=True)  # as the fresh leaves between units are
+    with tracer.active():
+        for i, block in enumerate(modules):
+            h = tracer.call(i, block.forward, (h,), {})
+    assert [b.calls for b in modules] == [1, 0, 1]
+    assert tracer.flow.flops == [2 * 2 * 8 * 8] * 3  # the reused unit's FLOPs are counted too
+
+
+def check_wrong_reuse_is_named(every_unit: bool) -> float:
+    """blocks.2 (keeps 6) takes the trace of blocks.1 (keeps 8: same input, as blocks.0's is not)
+    and is the last of stage 0: what it sends is not what stage 1 expects."""
+    import os
+
+    os.environ["AUTOPAR_TRACE_EVERY_UNIT"] = "1" if every_unit else "0"
+    try:
+        autopar.init(pp=2, timeout=5)  # rank 1 waits for what rank 0 never sends
+        torch.manual_seed(0)
+        engine = autopar.parallelize(_Cuts((8, 8, 6, 8)), lambda p: torch.optim.SGD(p, lr=0.1), num_microbatches=1,
+                                     split_points=["blocks.3"], loss_fn=lambda output, batch: output["loss"])
+        g = torch.Generator().manual_seed(0)
+        return engine.step({"x": torch.randn(4, 8, generator=g), "y": torch.randn(4, 8, generator=g)})
+    finally:
+        del os.environ["AUTOPAR_TRACE_EVERY_UNIT"]
+
+
+def test_a_wrongly_reused_trace_is_a_named_error_and_the_switch_trains(pool2):
+    with pytest.raises(AssertionError, match=r"(?s)rank 0.*blocks\.2 returned \(4, 6\) torch.float32 as output 0, "
+                                             r"where its trace gave \(4, 8\).*AUTOPAR_TRACE_EVERY_UNIT=1"):
+        pool2.run(check_wrong_reuse_is_named, False, timeout=120)
+    torch.manual_seed(0)
+    serial = _Cuts((8, 8, 6, 8))
+    g = torch.Generator().manual_seed(0)
+    expected = serial(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g))["loss"].item()
+    assert pool2.run(check_wrong_reuse_is_named, True) == [pytest.approx(expected, rel=1e-6)] * 2

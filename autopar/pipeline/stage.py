@@ -41,7 +41,7 @@ from .placement import place_units
 from .program import ACT, GRAD, Message, Post, Step, rank_programs
 from .schedules import Action, check_schedule
 from .split import assign_chunks, call_bounds, find_units, log_split, unit_costs
-from .trace import Flow, Key, TensorMeta, Tracer, UntraceableModel
+from .trace import Flow, Key, TensorMeta, Tracer, UntraceableModel, check_traced
 from .zero_bubble import backward_input, backward_weight
 
 Scale = Callable[[torch.Tensor, int], torch.Tensor]  # (microbatch loss, index) -> its share of the global loss
@@ -205,6 +205,7 @@ class Pipeline:
             out = forward(*args, **kwargs)
         for j, leaf in enumerate(tree_flatten(out)[0]):
             if (pos, j) in ctx.keep:
+                check_traced(self.units.names[unit], j, leaf, self.plan.flow.leaves[pos][j])
                 ctx.produced[(pos, j)] = leaf
         if pos == ctx.end - 1 and not ctx.last:
             raise _ChunkDone

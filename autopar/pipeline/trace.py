@@ -24,10 +24,22 @@ A ``FlopCounterMode`` counts the forward FLOPs per unit on the way (meta ops are
 but only in the trace that decides the split: they are its cost model and nothing else reads
 them. Later traces (each new microbatch shape, e.g. padded batches of a new length) skip it: a
 second Python dispatch mode over every op took 10-30% of a trace.
+
+Like units are traced once: a unit whose class, submodules, hyperparameters, parameter shapes
+and input shapes equal those of a unit already traced takes that unit's output shapes (and
+FLOPs) without running. A decoder stack costs one layer's trace, not one per layer (0.1-0.4 s
+each on fake tensors), at every new microbatch shape. HF's ``layer_idx`` is left out of the
+comparison: each layer has its own, and it only indexes the layer's KV-cache slot; what it
+derives (a sliding window, an attention type) is stored and compared. Other objects among the
+inputs must be the very same ones (HF hands every layer one KV-cache object, unused in
+training), and a unit that returns such an object is always traced. The pipeline checks at run time that what a unit
+really sends has the traced shape (``check_traced``), so a wrong guess is an error that names
+the unit, not a wrong-sized message; ``AUTOPAR_TRACE_EVERY_UNIT=1`` turns the reuse off.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -140,6 +152,51 @@ def _use(param: tuple[str, bool], uses: dict[str, set[int]], position: int) -> N
     uses.setdefault(name, set()).add(position)
 
 
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_PER_LAYER = frozenset({"layer_idx"})  # see the module docstring
+EVERY_UNIT_ENV = "AUTOPAR_TRACE_EVERY_UNIT"  # "1": trace every unit, like or not
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+
+
+def _structure(module: nn.Module) -> tuple:
+    """What decides a unit's output shapes, short of running it: every submodule's class,
+    ``extra_repr`` and plain attributes, every parameter's and buffer's shape, dtype and tags."""
+    subs = tuple((name, type(sub), sub.extra_repr(),
+                  tuple((k, v) for k, v in vars(sub).items()
+                        if not k.startswith("_") and k not in _PER_LAYER and _plain(v)))
+                 for name, sub in module.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype,
+                     tuple(sorted((k, v if _plain(v) else repr(v)) for k, v in vars(t).items())))
+                    for name, t in (*module.named_parameters(), *module.named_buffers()))
+    return subs, tensors
+
+
+def _input_key(args: tuple, kwargs: dict) -> tuple:
+    """Shapes and plain values of a unit's inputs; any other object by identity."""
+    leaves, spec = tree_flatten((args, kwargs))
+    key: list[Any] = [str(spec)]
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            key.append((tuple(v.shape), v.dtype, v.device, v.requires_grad))
+        else:
+            key.append((type(v), v) if _plain(v) else (type(v), id(v)))
+    return tuple(key)
+
+
+def check_traced(name: str, j: int, leaf: Any, meta: Any) -> None:
+    """What crosses a stage boundary must have its traced shape: the receiver sizes its buffer
+    from the trace, and NCCL does not check sizes."""
+    if isinstance(leaf, torch.Tensor) and (leaf.shape, leaf.dtype) != tuple(meta):
+        raise UntraceableModel(
+            f"{name} returned {tuple(leaf.shape)} {leaf.dtype} as output {j}, where its trace gave "
+            f"{tuple(meta.shape)} {meta.dtype}: its output shapes depend on more than its class, "
+            f"hyperparameters and input shapes, and it took a like unit's trace; set {EVERY_UNIT_ENV}=1 "
+            "to trace every unit")
+
+
 class Tracer:
     """Runs the model once with every unit intercepted; see the module docstring."""
 
@@ -154,6 +211,9 @@ class Tracer:
         self.flow = Flow([], [], [], [] if count_flops else None, [])
         self.counter = FlopCounterMode(display=False) if count_flops else None
         self.mark = 0
+        # (class, structure, inputs) -> (output leaves, spec, the unit's own FLOPs)
+        self.traced: dict[tuple, tuple[list[Any], Any, float]] = {}
+        self.reuse = os.environ.get(EVERY_UNIT_ENV, "0") != "1"
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -177,6 +237,13 @@ class Tracer:
                 f"so it cannot live on a single stage; {fix_hint()}")
         pos = len(flow.order)
         flow.deps.append(_sources((args, kwargs), self.leaf_keys, self.params, flow.glue_uses, pos))
+        module = self.modules[unit]
+        key = (type(module), _structure(module), _input_key(args, kwargs)) if self.reuse else None
+        if key in self.traced:
+            leaves, spec, own = self.traced[key]
+            self._count(own)
+            return self._adopt(pos, unit, leaves, spec)
+        before = self.counter.get_total_flops() if self.counter is not None else 0
         # FakeTensorMode's dispatch cache is process-wide and keys on op and argument metadata,
         # so the second and later of a stack of like layers mostly hit it: a quarter less trace
         # time (Llama, 4 layers). Its entries can hold a tensor-parallel unit's process group;
@@ -192,11 +259,24 @@ class Tracer:
                 f"module {self.names[unit]!r} cannot run on fake tensors to find the shapes "
                 f"that cross stages ({type(e).__name__}: {e}); a unit must not read tensor values "
                 f"on the host. {fix_hint()}") from e
+        own = float(self.counter.get_total_flops() - before) if self.counter is not None else 0.0
+        self._count(0.0)
+        leaves, spec = tree_flatten(out)
+        if key is not None and all(isinstance(v, torch.Tensor) or _plain(v) for v in leaves):
+            self.traced[key] = (leaves, spec, own)
+        return self._adopt(pos, unit, leaves, spec)
+
+    def _count(self, skipped: float) -> None:
+        """FLOPs of the call position just traced: the counter's advance since the last one
+        (glue and unit), plus ``skipped``, those of a like unit that did not run."""
         if self.counter is not None:
             now = self.counter.get_total_flops()
-            flow.flops.append(float(now - self.mark))
+            self.flow.flops.append(float(now - self.mark) + skipped)
             self.mark = now
-        leaves, spec = tree_flatten(out)
+
+    def _adopt(self, pos: int, unit: int, leaves: list[Any], spec: Any) -> Any:
+        """Record the unit's output at ``pos``; return fresh zero leaves of its shapes for the glue."""
+        flow = self.flow
         metas, fresh = [], []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
