@@ -358,7 +358,8 @@ def check_wrong_reuse_is_named(every_unit: bool) -> float:
 
 def test_a_wrongly_reused_trace_is_a_named_error_and_the_switch_trains(pool2):
     with pytest.raises(AssertionError, match=r"(?s)rank 0.*blocks\.2 returned \(4, 6\) torch.float32 as output 0, "
-                                             r"where its trace gave \(4, 8\).*AUTOPAR_TRACE_EVERY_UNIT=1"):
+                                             r"where its trace gave \(4, 8\) torch.float32: "
+                                             r".*\(AUTOPAR_TRACE_EVERY_UNIT=1 traces every unit\)"):
         pool2.run(check_wrong_reuse_is_named, False, timeout=120)
     torch.manual_seed(0)
     serial = _Cuts((8, 8, 6, 8))

@@ -32,9 +32,10 @@ each on fake tensors), at every new microbatch shape. HF's ``layer_idx`` is left
 comparison: each layer has its own, and it only indexes the layer's KV-cache slot; what it
 derives (a sliding window, an attention type) is stored and compared. Other objects among the
 inputs must be the very same ones (HF hands every layer one KV-cache object, unused in
-training), and a unit that returns such an object is always traced. The pipeline checks at run time that what a unit
-really sends has the traced shape (``check_traced``), so a wrong guess is an error that names
-the unit, not a wrong-sized message; ``AUTOPAR_TRACE_EVERY_UNIT=1`` turns the reuse off.
+training), and a unit that returns such an object is always traced. The pipeline checks at run
+time that what a unit really sends has the traced shape (``check_traced``), so a wrong guess
+is an error that names the unit, not a wrong-sized message; ``AUTOPAR_TRACE_EVERY_UNIT=1``
+turns the reuse off.
 """
 from __future__ import annotations
 
@@ -189,12 +190,13 @@ def _input_key(args: tuple, kwargs: dict) -> tuple:
 def check_traced(name: str, j: int, leaf: Any, meta: Any) -> None:
     """What crosses a stage boundary must have its traced shape: the receiver sizes its buffer
     from the trace, and NCCL does not check sizes."""
-    if isinstance(leaf, torch.Tensor) and (leaf.shape, leaf.dtype) != tuple(meta):
-        raise UntraceableModel(
-            f"{name} returned {tuple(leaf.shape)} {leaf.dtype} as output {j}, where its trace gave "
-            f"{tuple(meta.shape)} {meta.dtype}: its output shapes depend on more than its class, "
-            f"hyperparameters and input shapes, and it took a like unit's trace; set {EVERY_UNIT_ENV}=1 "
-            "to trace every unit")
+    if not isinstance(leaf, torch.Tensor) or (isinstance(meta, TensorMeta) and (leaf.shape, leaf.dtype) == meta):
+        return
+    traced = f"{tuple(meta.shape)} {meta.dtype}" if isinstance(meta, TensorMeta) else repr(meta)
+    raise UntraceableModel(
+        f"{name} returned {tuple(leaf.shape)} {leaf.dtype} as output {j}, where its trace gave {traced}: "
+        "its output shapes depend on the values of its inputs, or on more than its class, hyperparameters "
+        f"and input shapes when a like unit's trace stood for it ({EVERY_UNIT_ENV}=1 traces every unit)")
 
 
 class Tracer:
