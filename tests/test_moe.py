@@ -142,6 +142,7 @@ def run_parallel(name: str, grid: dict, dtype: torch.dtype, impl: str, clip: flo
     engine = autopar.parallelize(model, optimizer=_Recording, loss_fn=lm_loss, loss_items=lm_items,
                                  num_microbatches=pp, clip_grad_norm=clip)
     losses = [engine.step(autopar.shard_batch(_batch(s))) for s in range(STEPS)]
+    assert model.config._experts_implementation == impl, "the pipeline trace left its experts switch on"
     held = [p for g in engine.optimizer.param_groups for p in g["params"]]  # pp: split at the first step
     local_all, local_exp = sum(p.numel() for p in held), sum(p.numel() for p in held if id(p) in expert_ids)
     first, grads = engine.optimizer.first, None
@@ -227,16 +228,18 @@ CASES = [(name, grid, dtype, "eager" if dtype == torch.float64 else "grouped_mm"
         [("mixtral", "x2y2", torch.float32, "batched_mm"), ("mixtral", "x2z2", torch.float32, "eager")]
 
 
-@pytest.mark.parametrize("name,dtype", [("mixtral", torch.float64), ("mixtral", torch.float32),
-                                        ("qwen2moe", torch.float64)], ids=str)
-def test_fused_experts_in_a_pipeline(pool4, name, dtype):
-    """pp=2 x x=2 with ``batched_mm``: the pipeline traces each unit on fake tensors, where eager's
-    ``nonzero`` (a data-dependent shape) and CPU ``grouped_mm`` (no fake kernel for fp32) fail."""
-    result = check(name, "pp2x2", dtype, "batched_mm", pool4)
+@pytest.mark.parametrize("name,dtype,impl", [("mixtral", torch.float64, "eager"), ("mixtral", torch.float32, "grouped_mm"),
+                                             ("qwen2moe", torch.float64, "eager")], ids=str)
+def test_fused_experts_in_a_pipeline(pool4, name, dtype, impl):
+    """pp=2 x x=2 with the implementations users configure: the pipeline traces each unit on fake
+    tensors, where eager's ``nonzero`` (a data-dependent shape) and CPU ``grouped_mm`` (no fake
+    kernel for fp32) cannot run, so the trace switches them to ``batched_mm`` (before, both
+    raised UntraceableModel, whose advice was split_points)."""
+    result = check(name, "pp2x2", dtype, impl, pool4)
     assert result["sharded"], f"{name} pp2x2: no experts module was sharded"
     for _, experts in result["shares"]:  # each stage holds half the layers, each cut over x
         assert experts == pytest.approx(0.25), f"{name} pp2x2: experts share {experts} vs 0.25"
-    _report(name, "pp2x2", dtype, "batched_mm", result)
+    _report(name, "pp2x2", dtype, impl, result)
 
 
 @pytest.mark.parametrize("name,grid,dtype,impl", CASES, ids=lambda v: str(v).replace("torch.", ""))

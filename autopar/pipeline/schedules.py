@@ -87,7 +87,9 @@ def check_schedule(name: str, pp: int, m: int, v: int, layers: int) -> None:
         raise ValueError(f"virtual_stages={v} needs schedule='interleaved' (got {name!r})")
     if pp * v > layers:
         raise ValueError(f"pp={pp} x virtual_stages={v} = {pp * v} stages but the model has only "
-                         f"{layers} layers; use pp*virtual_stages <= {layers}")
+                         f"{layers} layers; use pp*virtual_stages <= {layers}, or name where stages "
+                         "1.. start with split_points=[...] (a model that reuses one layer across "
+                         "its depth, as ALBERT does, counts it once)")
     if name == "interleaved":
         if v < 2:
             raise ValueError("schedule='interleaved' needs virtual_stages >= 2 chunks per rank")

@@ -36,6 +36,13 @@ training), and a unit that returns such an object is always traced. The pipeline
 time that what a unit really sends has the traced shape (``check_traced``), so a wrong guess
 is an error that names the unit, not a wrong-sized message; ``AUTOPAR_TRACE_EVERY_UNIT=1``
 turns the reuse off.
+
+Fused MoE experts (transformers' ``@use_experts_implementation`` classes) are traced with the
+``batched_mm`` implementation whatever the model is configured with (``shape_only_experts``):
+``eager`` indexes with ``nonzero`` (an output shape that depends on the routing's values) and
+``grouped_mm`` has no fake-tensor kernel outside bf16, so the default Mixtral or Qwen-MoE
+would not trace at all. All three give the experts' output the input's shape; training runs
+the configured one.
 """
 from __future__ import annotations
 
@@ -112,6 +119,24 @@ def fake_tensors(module: nn.Module, fake: FakeTensorMode) -> Iterator[None]:
     finally:
         for slot, name, t in saved:
             slot[name] = t
+
+
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def shape_only_experts(module: nn.Module) -> Iterator[None]:
+    """Switch ``module``'s fused experts to an implementation that runs on fake tensors."""
+    configs = {id(m.config): m.config for m in module.modules()
+               if hasattr(m, "_is_expert_parallel") and hasattr(getattr(m, "config", None), "_experts_implementation")}
+    saved = {key: cfg._experts_implementation for key, cfg in configs.items()}
+    for cfg in configs.values():
+        cfg._experts_implementation = TRACEABLE_EXPERTS
+    try:
+        yield
+    finally:
+        for key, cfg in configs.items():
+            cfg._experts_implementation = saved[key]
 
 
 def _sources(values: Any, leaf_keys: dict[int, Key], params: dict[int, tuple[str, bool]],
@@ -254,7 +279,7 @@ class Tracer:
         args, kwargs = tree_map(lambda v: fake.from_tensor(v.detach()) if isinstance(v, torch.Tensor) else v,
                                 (args, kwargs))
         try:
-            with torch.no_grad(), fake_tensors(self.modules[unit], fake), fake:
+            with torch.no_grad(), fake_tensors(module, fake), shape_only_experts(module), fake:
                 out = forward(*args, **kwargs)
         except (RuntimeError, NotImplementedError) as e:
             raise UntraceableModel(
