@@ -228,7 +228,8 @@ CASES = [(name, grid, dtype, "eager" if dtype == torch.float64 else "grouped_mm"
         [("mixtral", "x2y2", torch.float32, "batched_mm"), ("mixtral", "x2z2", torch.float32, "eager")]
 
 
-@pytest.mark.parametrize("name,dtype,impl", [("mixtral", torch.float64, "eager"), ("mixtral", torch.float32, "grouped_mm"),
+@pytest.mark.parametrize("name,dtype,impl", [("mixtral", torch.float64, "eager"),
+                                             ("mixtral", torch.float32, "grouped_mm"),
                                              ("qwen2moe", torch.float64, "eager")], ids=str)
 def test_fused_experts_in_a_pipeline(pool4, name, dtype, impl):
     """pp=2 x x=2 with the implementations users configure: the pipeline traces each unit on fake

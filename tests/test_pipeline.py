@@ -237,7 +237,8 @@ def _bad_inputs() -> list[str]:
     opt = _optimizer("sgd")
     mse = lambda out, b: out.pow(2).mean()  # noqa: E731
     kinds = [
-        _expect_error(lambda: autopar.parallelize(build("gpt2", 1), opt, 2), "has only 1 layers; use pp*virtual_stages <= 1, or name where stages 1.. start with split_points"),
+        _expect_error(lambda: autopar.parallelize(build("gpt2", 1), opt, 2),
+                      "has only 1 layers; use pp*virtual_stages <= 1, or name where stages 1.. start with "),
         _expect_error(lambda: autopar.parallelize(build("gpt2", 4), opt, 2, schedule="zigzag"),
                       "unknown schedule 'zigzag'"),
         _expect_error(lambda: autopar.parallelize(build("gpt2", 6), opt, 2, schedule="interleaved",
