@@ -29,7 +29,7 @@ from .intra_layer.vocab_loss import causal_lm_loss as vocab_causal_lm_loss
 from .intra_layer.vocab_loss import vocab_parallel_head
 from .offload import ActivationMeter, RecomputePolicy, apply_recompute, build_stepper
 from .pipeline import Pipeline
-from .runtime.batch import map_tensors, split_batch
+from .runtime.batch import BatchCheck, map_tensors, split_batch
 from .runtime.loss_weights import ItemCounter, LossWeights, Scale, label_counter
 from .runtime.params import clip_coefficient
 from .runtime.precision import Precision, check_precision, drop_grads
@@ -104,6 +104,7 @@ class Engine:
         self.loss_fn = loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.step_count = 0
+        self.check_batch = BatchCheck(self.grid)
         # Called once the optimizer exists and its parameters' layout is final (after the first
         # forward when that still splits the pipeline or chains layers), e.g. to load its state.
         self.on_optimizer: list[Callable[[], None]] = []
@@ -199,6 +200,7 @@ class Engine:
         return loss
 
     def _micros(self, batch: Any) -> tuple[list[Any], Scale]:
+        self.check_batch(batch)
         batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
         micros = split_batch(batch, self.num_microbatches, "microbatches")
         return micros, self.loss_weights.for_step(micros)
@@ -260,6 +262,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
+            self.check_batch(batch)
             batch = map_tensors(batch, lambda t: t.to(self.grid.device, non_blocking=True))
             if self.pipeline is None:
                 return self._full_logits(self._run_model(batch), batch)

@@ -236,3 +236,73 @@ def test_loader_pins_memory_when_batches_go_to_cuda(monkeypatch):
     assert loader(data, 4, shard=0, num_shards=1, pin_memory=False).pin_memory is False
     monkeypatch.setattr(loader_module, "_batches_go_to_cuda", lambda: False)
     assert loader(data, 4, shard=0, num_shards=1).pin_memory is False
+
+
+# --- the batch peers' check (runtime.batch.BatchCheck) ------------------------------------------
+
+def test_fingerprint_sees_values_shapes_and_keys_but_not_dict_order_or_nan():
+    ids = torch.arange(12).reshape(3, 4)
+    base = batch_mod.fingerprint({"input_ids": ids, "labels": ids, "flag": True}, torch.device("cpu"))
+    same = batch_mod.fingerprint({"flag": True, "labels": ids.clone(), "input_ids": ids.clone()}, torch.device("cpu"))
+    assert torch.equal(base, same)
+    swapped = ids.clone()
+    swapped[0, :2] = swapped[0, :2].flip(0)  # same multiset of values, another order
+    for other in ({"input_ids": swapped, "labels": ids, "flag": True},
+                  {"input_ids": ids[:, :3], "labels": ids[:, :3], "flag": True},
+                  {"input_ids": ids, "labels": ids, "flag": False},
+                  {"input_ids": ids, "target": ids, "flag": True},
+                  {"input_ids": ids.float(), "labels": ids, "flag": True}):
+        assert not torch.equal(base, batch_mod.fingerprint(other, torch.device("cpu"))), other
+    nan = torch.tensor([1.0, float("nan")])
+    cpu = torch.device("cpu")
+    assert torch.equal(batch_mod.fingerprint(nan, cpu), batch_mod.fingerprint(nan.clone(), cpu))
+
+
+def _peers_given_other_batches(grid: dict, odd: tuple[int, ...], change: str, at_call: int, every: bool) -> list[int]:
+    """Ranks train a small MLP; from call ``at_call`` on, the ranks ``odd`` change their batch
+    (call 5 is an ``eval_step``). Returns the calls that completed."""
+    import os
+
+    os.environ.pop(batch_mod.CHECK_ENV, None)
+    if every:
+        os.environ[batch_mod.CHECK_ENV] = "every"
+    try:
+        autopar.init(**grid)
+        with autopar.auto_parallelize():
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        engine = autopar.parallelize(model, lambda p: torch.optim.SGD(p, lr=0.1), num_microbatches=grid.get("pp", 1),
+                                     loss_fn=lambda out, b: (out - b[1]).pow(2).mean())
+    finally:
+        os.environ.pop(batch_mod.CHECK_ENV, None)
+    changes = {"values": lambda v: v + 1, "shape": lambda v: v[:, :3], "rows": lambda v: v[:2]}
+    g = torch.Generator().manual_seed(0)
+    done = []
+    for call in range(1, 6):
+        batch = autopar.shard_batch((torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)))
+        if call >= at_call and torch.distributed.get_rank() in odd:
+            batch = tuple(changes[change](v) for v in batch)
+        (engine.eval_step if call == 5 else engine.step)(batch)
+        done.append(call)
+    return done
+
+
+# Rank order: pp outermost, x innermost. dp=2 x x=2: x peers {0, 1}, {2, 3}. pp=2 x dp=2: pipeline
+# peers {0, 2}, {1, 3}; dp peers {0, 1}, {2, 3}.
+@pytest.mark.parametrize("grid,odd,change,at_call,every,caught", [
+    (dict(dp=2, x=2), (1,), "values", 1, False, 1),   # an x peer: silently wrong before the check
+    (dict(dp=2, x=2), (3,), "shape", 2, False, 2),    # NCCL would hang in the first tensor-parallel collective
+    (dict(pp=2, dp=2), (2,), "values", 3, False, 4),  # a pipeline stage; calls 1, 2, 4, 8... are checked
+    (dict(pp=2, dp=2), (2,), "values", 3, True, 3),   # ... and every call with AUTOPAR_CHECK_BATCH=every
+    (dict(pp=2, dp=2), (1, 3), "rows", 1, True, None),  # dp replicas may differ (their own data)
+], ids=["x-values", "x-shape", "pp-values-log", "pp-values-every", "dp-rows"])
+def test_ranks_of_one_data_shard_must_get_the_same_batch(pool4, grid, odd, change, at_call, every, caught):
+    if caught is None:
+        assert pool4.run(_peers_given_other_batches, grid, odd, change, at_call, every)[0] == [1, 2, 3, 4, 5]
+        return
+    with pytest.raises(AssertionError) as info:
+        pool4.run(_peers_given_other_batches, grid, odd, change, at_call, every)
+    text = str(info.value)
+    assert "failed on 4 ranks" in text, text
+    what = "shapes, dtypes or keys" if change == "shape" else "values"
+    assert f"must get the same batch, but [{odd[0]}] got other {what} than rank" in text, text
+    assert f"(call {caught})" in text and "autopar.shard_batch(global_batch)" in text, text

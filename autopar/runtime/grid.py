@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from .gridspec import AXES, TP_AXES, resolve_sizes  # noqa: F401 - re-exported: the grid's own names
+from .gridspec import AXES, BATCH_AXES, TP_AXES, resolve_sizes  # noqa: F401 - re-exported: the grid's own names
 
 def _canon(axes: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [a for a in axes if a not in AXES]
@@ -193,11 +193,16 @@ class Grid:
     def batch_shards(self) -> int:
         """How many different slices of the global batch exist at once: data replicas times depth,
         since the 3D matmul splits the batch over ``z`` as well."""
-        return self.sizes["dp"] * self.sizes["z"]
+        return self.size(*BATCH_AXES)
+
+    @property
+    def batch_peer_axes(self) -> tuple[str, ...]:
+        """The axes whose ranks get the same slice of the batch (``shard_batch``)."""
+        return tuple(a for a in AXES if a not in BATCH_AXES)
 
     @property
     def batch_shard_index(self) -> int:
-        return self.index("dp", "z")
+        return self.index(*BATCH_AXES)
 
     def __str__(self) -> str:
         grid = " x ".join(f"{a}={self.sizes[a]}" for a in AXES)

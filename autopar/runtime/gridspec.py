@@ -10,6 +10,7 @@ from __future__ import annotations
 
 AXES: tuple[str, ...] = ("pp", "dp", "z", "y", "x")
 TP_AXES: tuple[str, ...] = ("z", "y", "x")
+BATCH_AXES: tuple[str, ...] = ("dp", "z")  # the axes that cut the global batch (z: the 3D matmul's depth)
 
 GRID_ENV = "AUTOPAR_GRID"
 """Grid sizes for a script that calls ``autopar.init()`` without grid arguments, e.g.
