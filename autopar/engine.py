@@ -355,7 +355,12 @@ class Engine:
         every rank."""
         if self.grid.size("pp", "dp", "z") > 1:  # only the last stage's total is non-zero
             dist.all_reduce(total, group=self.grid.group("pp", "dp", "z"))
-        return float(total)
+        loss = float(total)
+        items = self.loss_weights.global_items
+        if items is not None and not int(items):  # read after the loss's own sync: free
+            log.warning("a global batch without a single item to average over (every label is -100): its "
+                        "loss is 0 and its gradients are zero, where serial training would get NaN")
+        return loss
 
 
 def parallelize(model: nn.Module, optimizer: OptimizerFactory, num_microbatches: int = 1,

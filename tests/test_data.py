@@ -289,7 +289,7 @@ def _peers_given_other_batches(grid: dict, odd: tuple[int, ...], change: str, at
 # Rank order: pp outermost, x innermost. dp=2 x x=2: x peers {0, 1}, {2, 3}. pp=2 x dp=2: pipeline
 # peers {0, 2}, {1, 3}; dp peers {0, 1}, {2, 3}.
 @pytest.mark.parametrize("grid,odd,change,at_call,every,caught", [
-    (dict(dp=2, x=2), (1,), "values", 1, False, 1),   # an x peer: silently wrong before the check
+    (dict(dp=2, x=2), (1, 3), "values", 1, False, 1),  # x peers: silently wrong before the check
     (dict(dp=2, x=2), (3,), "shape", 2, False, 2),    # NCCL would hang in the first tensor-parallel collective
     (dict(pp=2, dp=2), (2,), "values", 3, False, 4),  # a pipeline stage; calls 1, 2, 4, 8... are checked
     (dict(pp=2, dp=2), (2,), "values", 3, True, 3),   # ... and every call with AUTOPAR_CHECK_BATCH=every

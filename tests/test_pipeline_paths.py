@@ -5,8 +5,10 @@ memory after ``parallelize``, and the posted p2p order of a real run. Every case
 with serial training on the same global batches (4 ranks, one pool for the module)."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import logging
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -144,6 +146,19 @@ def test_padded_batches_of_changing_length_equal_serial(pool4, grid, dtype, sche
     pool4.run(check_padded_changing_lengths, grid, dtype, schedule, m, parallel, scheduler)
 
 
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("autopar")
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+
+
 def check_tp_only_token_weighting() -> None:
     """dp=2 x z=2 without pipeline: the same exact normalisation over dp*z slices."""
     autopar.init(dp=2, z=2)
@@ -153,6 +168,12 @@ def check_tp_only_token_weighting() -> None:
     losses = [engine.step(autopar.shard_batch(_padded(s, n))) for s, n in enumerate(LENGTHS)]
     final_eval = engine.eval_step(autopar.shard_batch(_padded(50 + len(LENGTHS) - 1, 6)))
     full = autopar.full_state_dict(engine)
+    # A global batch with no target at all: serial's mean is 0/0; the engine's loss is 0, said.
+    nothing = _padded(99, 6)
+    nothing["labels"].fill_(-100)
+    with _warnings() as said:
+        assert engine.eval_step(autopar.shard_batch(nothing)) == 0.0
+    assert any("without a single item to average over" in m for m in said), said
     autopar.destroy()
     ref_losses, ref_evals, ref, _ = _serial(torch.float64, False)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=1e-12)
