@@ -12,6 +12,8 @@ Causal models run in float64 with the loss in the logits' dtype (HF's casts to f
 rounding per microbatch AdamW would amplify to ~1e-6). Models that compute in fp32 inside
 (Gemma 3's norms, DeepSeek's router) or whose HF loss is not causal run in fp32, bounded at
 1e-3 of each tensor's update (measured: ~1e-5).
+
+Every other test turns dropout off; the last one leaves GPT-2's default 0.1 on.
 """
 from __future__ import annotations
 
@@ -135,3 +137,61 @@ def _albert_automatic() -> None:
     with autopar.auto_parallelize():
         model = build("albert")
     autopar.parallelize(model, functools.partial(torch.optim.SGD, lr=0.1), num_microbatches=2)
+
+
+# --- dropout on, as HF's default configs have it ------------------------------------------------
+
+def _gpt2_with_dropout() -> torch.nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2,
+                                                                n_head=2))  # resid/embd/attn dropout 0.1
+
+
+def dropout_runs(grid: dict, kwargs: dict) -> tuple[list[tuple[float, float]], list[str]]:
+    """Three AdamW steps with dropout, the RNG reseeded before each step on both sides. Returns
+    (engine, serial) losses and the replicated parameters that differ between ranks of one stage."""
+    from autopar.intra_layer.layers import spec_of
+
+    autopar.init(**grid)
+    torch.manual_seed(0)
+    ser = _gpt2_with_dropout()
+    torch.manual_seed(0)
+    with autopar.auto_parallelize():
+        par = _gpt2_with_dropout()
+    engine = autopar.parallelize(par, adamw, **kwargs)
+    opt = adamw(ser.parameters())
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(3):
+        ids = torch.randint(0, V, (8, 6), generator=g)
+        batch = {"input_ids": ids, "labels": ids}
+        torch.manual_seed(100 + step)
+        loss = engine.step(autopar.shard_batch(batch))
+        torch.manual_seed(100 + step)
+        ref = ser(**batch).loss
+        ref.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append((loss, ref.item()))
+    held = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+    mine = {n: p.detach() for n, p in engine.model.named_parameters() if spec_of(p) is None and id(p) in held}
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, (engine.grid.coords["pp"], mine))
+    differ = sorted({n for pp, theirs in everyone if pp == engine.grid.coords["pp"]
+                     for n, t in theirs.items() if not torch.equal(t, mine[n])})
+    return losses, differ
+
+
+def test_dropout_tensor_parallel_equals_serial_and_peers_stay_identical(pool4):
+    """With dropout on, ranks that hold replicated activations draw the same masks (one seed on
+    every rank, and the 3D layers consume the RNG as the serial layers do): pure tensor
+    parallelism equals serial step for step from the same RNG state, and on a pipeline with
+    recompute every replicated parameter stays bit-identical across its tensor-parallel peers.
+    (With dp or z > 1 each replica draws its slice's mask from the same state, so masks are not
+    serial's rows; training is valid dropout, not serial-exact.)"""
+    for ranks in pool4.run(dropout_runs, dict(x=2, y=2), {}):
+        losses, differ = ranks
+        assert not differ, f"x2y2: replicated parameters drifted apart: {differ}"
+        for par, ser in losses:
+            assert par == pytest.approx(ser, rel=1e-6), f"x2y2 with dropout: losses {losses}"
+    for losses, differ in pool4.run(dropout_runs, dict(pp=2, x=2), dict(num_microbatches=2, recompute=True)):
+        assert not differ, f"pp2x2 recompute: replicated parameters drifted apart between x peers: {differ}"
