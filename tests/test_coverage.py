@@ -190,3 +190,39 @@ def subclassed_tied_embeddings(grid: dict[str, int]) -> list[tuple[str, str, str
 def test_subclassed_tied_embeddings_stay_tied_and_equal_serial(pool8, grid):
     for name, dtype, worst_name, err in pool8.run(subclassed_tied_embeddings, grid, timeout=900)[0]:
         print(f"{grid} {name} {dtype}: worst {worst_name} {err:.2e}")
+
+
+# --- Linear subclasses that re-implement F.linear (Falcon) ---------------------------------------
+
+class _Reimplemented(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # FalconLinear's shape of it
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class _IgnoresBias(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias) * 2
+
+
+class _Clamped(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias).clamp(-100, 100)
+
+
+class _NeedsInit(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x * self.alpha, self.weight, self.bias)
+
+
+def test_only_subclasses_whose_forward_is_f_linear_are_proven():
+    from autopar.intra_layer.subclass import computes_linear
+
+    assert computes_linear(_Reimplemented)
+    for cls in (_IgnoresBias, _Scaled, _Clamped, _NeedsInit):
+        assert not computes_linear(cls), cls.__name__

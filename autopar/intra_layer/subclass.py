@@ -21,6 +21,15 @@ the ones that provably leave the base computation alone do:
 
 A subclass's own ``reset_parameters`` becomes the parallel twin's ``serial_init``, so re-init
 still draws the full tensor (``ShardedModule.reset_parameters``).
+
+Some subclasses re-implement the base computation instead of calling it: Falcon's
+``FalconLinear.forward`` is ``input @ self.weight.T (+ self.bias)``, so every layer of a Falcon
+stayed whole. A ``Linear`` subclass whose forward fails the source rules above still gets a twin
+when its forward *is* ``F.linear`` on a probe (``computes_linear``): the class's forward run on a
+stand-in instance (a 3 x 5 float64 weight, with and without bias, on inputs of two scales) must
+give ``F.linear``'s result, shape and dtype. Such a twin drops the subclass's forward for the
+sharded one; a forward that touches anything else (other attributes, other work) fails the probe
+and the layer stays whole, named in the log as before.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ import inspect
 import re
 import textwrap
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import ShardedModule
@@ -61,16 +72,45 @@ def why_serial(cls: type, base: type) -> str:
     return ""
 
 
+def computes_linear(cls: type) -> bool:
+    """Whether ``cls.forward`` returns ``F.linear(input, self.weight, self.bias)``, checked on a
+    stand-in instance (no ``__init__``: only the weight, the bias and the feature counts)."""
+    g = torch.Generator().manual_seed(0)
+    probe = object.__new__(cls)
+    nn.Module.__init__(probe)
+    probe.in_features, probe.out_features = 5, 3
+    for with_bias in (True, False):
+        probe.weight = nn.Parameter(torch.randn(3, 5, generator=g, dtype=torch.float64))
+        probe.bias = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) if with_bias else None
+        for scale in (1.0, 1e3):
+            x = torch.randn(2, 4, 5, generator=g, dtype=torch.float64) * scale
+            try:
+                with torch.no_grad():
+                    out = cls.forward(probe, x)
+            except Exception:  # noqa: BLE001 - anything the forward needs beyond the stand-in: not proven
+                return False
+            ref = F.linear(x, probe.weight, probe.bias)
+            if not (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.dtype == ref.dtype
+                    and torch.allclose(out, ref, rtol=1e-12, atol=1e-12 * scale)):
+                return False
+    return True
+
+
 def twin(cls: type, base: type, parallel: type[ShardedModule]) -> type | str:
     """The parallel twin of ``cls`` (built once per class), or why there is none."""
     found = _twins.get(cls)
     if found is None:
         why = why_serial(cls, base)
+        own_forward = not why
+        if why.startswith(f"{cls.__name__}.forward") and issubclass(base, nn.Linear) and computes_linear(cls):
+            why = ""
         if why:
             found = why
         else:
             namespace: dict[str, object] = {"__module__": cls.__module__, "__qualname__": f"Parallel{cls.__qualname__}",
                                             "reset_parameters": ShardedModule.reset_parameters}
+            if not own_forward:  # proven to be the base computation: the sharded forward replaces it
+                namespace["forward"] = parallel.forward
             if _overrides(cls, base, "reset_parameters"):
                 namespace["serial_init"] = cls.reset_parameters
             found = type(f"Parallel{cls.__name__}", (cls, parallel), namespace)
