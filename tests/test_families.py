@@ -203,3 +203,29 @@ def test_dropout_tensor_parallel_equals_serial_and_peers_stay_identical(pool4):
             assert par == pytest.approx(ser, rel=1e-6), f"x2y2 with dropout: losses {losses}"
     for losses, differ in pool4.run(dropout_runs, dict(pp=2, x=2), dict(num_microbatches=2, recompute=True)):
         assert not differ, f"pp2x2 recompute: replicated parameters drifted apart between x peers: {differ}"
+
+
+def pretrained_falcon(folder: str) -> list[str]:
+    """``from_pretrained`` builds on the meta device: Falcon's layers are proven to be linear on
+    a CPU probe there too, sharded, and loaded with the saved values."""
+    from autopar.intra_layer.layers import spec_of
+
+    autopar.init(x=2, y=2)
+    if torch.distributed.get_rank() == 0:
+        torch.manual_seed(3)
+        build("falcon").save_pretrained(folder)
+    torch.distributed.barrier()
+    cls = transformers.FalconForCausalLM
+    serial = cls.from_pretrained(folder).state_dict()
+    with autopar.auto_parallelize():
+        par = cls.from_pretrained(folder)
+    full = autopar.full_state_dict(par)
+    assert full.keys() == serial.keys()
+    differ = [k for k in serial if not torch.equal(full[k], serial[k])]
+    assert not differ, f"from_pretrained under auto_parallelize changed {differ}"
+    return sorted({type(m).__name__ for m in par.modules() if isinstance(m, torch.nn.Linear)
+                   and spec_of(m.weight) is None})
+
+
+def test_falcon_from_pretrained_is_sharded_and_equal(pool4, tmp_path):
+    assert pool4.run(pretrained_falcon, str(tmp_path / "falcon"))[0] == []

@@ -74,21 +74,27 @@ def why_serial(cls: type, base: type) -> str:
 
 def computes_linear(cls: type) -> bool:
     """Whether ``cls.forward`` returns ``F.linear(input, self.weight, self.bias)``, checked on a
-    stand-in instance (no ``__init__``: only the weight, the bias and the feature counts)."""
+    stand-in instance (no ``__init__``: only the weight, the bias and the feature counts). The
+    probe's tensors are explicitly on the CPU: ``from_pretrained`` builds under a meta device."""
+    try:
+        return _probe_linear(cls)
+    except Exception:  # noqa: BLE001 - anything the forward needs beyond the stand-in: not proven
+        return False
+
+
+def _probe_linear(cls: type) -> bool:
     g = torch.Generator().manual_seed(0)
+    cpu = dict(generator=g, dtype=torch.float64, device="cpu")
     probe = object.__new__(cls)
     nn.Module.__init__(probe)
     probe.in_features, probe.out_features = 5, 3
     for with_bias in (True, False):
-        probe.weight = nn.Parameter(torch.randn(3, 5, generator=g, dtype=torch.float64))
-        probe.bias = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) if with_bias else None
+        probe.weight = nn.Parameter(torch.randn(3, 5, **cpu))
+        probe.bias = nn.Parameter(torch.randn(3, **cpu)) if with_bias else None
         for scale in (1.0, 1e3):
-            x = torch.randn(2, 4, 5, generator=g, dtype=torch.float64) * scale
-            try:
-                with torch.no_grad():
-                    out = cls.forward(probe, x)
-            except Exception:  # noqa: BLE001 - anything the forward needs beyond the stand-in: not proven
-                return False
+            x = torch.randn(2, 4, 5, **cpu) * scale
+            with torch.no_grad():
+                out = cls.forward(probe, x)
             ref = F.linear(x, probe.weight, probe.bias)
             if not (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.dtype == ref.dtype
                     and torch.allclose(out, ref, rtol=1e-12, atol=1e-12 * scale)):
