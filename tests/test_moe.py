@@ -47,6 +47,17 @@ def _qwen(impl: str) -> nn.Module:
     return transformers.Qwen2MoeForCausalLM(cfg)
 
 
+def _gpt_oss(impl: str) -> nn.Module:
+    """gpt-oss: experts with biases, transposed weights, a clamped SwiGLU, and a forward whose
+    arguments are named (hidden_states, router_indices, routing_weights) and whose eager code
+    cannot take the expert-parallel sentinel id (``one_hot(num_classes=num_experts)``); before, its experts stayed whole."""
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = impl
+    return transformers.GptOssForCausalLM(cfg)
+
+
 class ListMoE(nn.Module):
     """The older layout: a router ``nn.Linear`` and experts as an ``nn.ModuleList`` of MLPs.
     Every expert runs on every rank, on the (possibly empty) rows routed to it, so the z ranks,
@@ -72,7 +83,8 @@ class ListMoE(nn.Module):
         return {"logits": self.head(h + out.view_as(h))}
 
 
-BUILDERS: dict[str, Callable[[str], nn.Module]] = {"mixtral": _mixtral, "qwen2moe": _qwen, "listmoe": ListMoE,
+BUILDERS: dict[str, Callable[[str], nn.Module]] = {"mixtral": _mixtral, "qwen2moe": _qwen, "gptoss": _gpt_oss,
+                                                   "listmoe": ListMoE,
                                                    "mixtral3": lambda impl: _mixtral(impl, experts=3)}
 
 
@@ -226,7 +238,8 @@ def _report(name: str, grid: str, dtype: torch.dtype, impl: str, result: dict) -
 
 CASES = [(name, grid, dtype, "eager" if dtype == torch.float64 else "grouped_mm") for name in ("mixtral", "qwen2moe")
          for grid in ("x2", "x2y2", "dp2x2", "x2z2") for dtype in (torch.float64, torch.float32)] + \
-        [("mixtral", "x2y2", torch.float32, "batched_mm"), ("mixtral", "x2z2", torch.float32, "eager")]
+        [("mixtral", "x2y2", torch.float32, "batched_mm"), ("mixtral", "x2z2", torch.float32, "eager"),
+         ("gptoss", "x2y2", torch.float64, "eager"), ("gptoss", "x2y2", torch.float32, "grouped_mm")]
 
 
 @pytest.mark.parametrize("name,dtype,impl", [("mixtral", torch.float64, "eager"),

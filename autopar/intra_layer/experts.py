@@ -8,8 +8,11 @@ biases (E, out)); there is no ``nn.Linear`` inside for ``auto`` to catch. They a
   ``r*E/(XY) : (r+1)*E/(XY)``. Activations between layers are full-feature and replicated over
   x and y (``layers``), and x·y ranks share one batch slice, so every x·y rank already has every
   token and the same routing: each runs only the (token, expert) pairs of its own experts
-  (the rest are mapped to the sentinel id ``num_experts`` that every experts implementation
-  skips, as transformers' own expert parallelism does, with their weights zeroed) and the
+  (the rest are mapped to the sentinel id ``num_experts`` that the ``grouped_mm`` and
+  ``batched_mm`` implementations skip, as transformers' own expert parallelism does, with
+  their weights zeroed; a class's own "eager" forward may not take the sentinel, gpt-oss's
+  ``one_hot(num_classes=num_experts)`` does not, so under eager they go to local expert 0
+  with weight 0, which adds exact zeros) and the
   partial outputs are summed by one all-reduce over x·y. Adjoints: the output all-reduce's is
   the identity (its gradient is replicated); the input copy's is an all-reduce over x·y of the
   gradients of the hidden states and of the routing weights, each of which only the ranks
@@ -54,7 +57,7 @@ from .comm import COUNTER, depth_gather, stand_in
 from .layers import LoadsFullTensors, gather_full, spec_of
 from .regather import BlockRegather
 
-_INTERFACE = ("hidden_states", "top_k_index", "top_k_weights")
+_INTERFACE = ("hidden_states", "top_k_index", "top_k_weights")  # by position: gpt-oss names them otherwise
 
 Live = Mapping[int, tuple[nn.Parameter, Mapping[int, tuple[nn.Module, str]]]]
 """``auto``'s record of the block: parameter id -> (parameter, {module id: (module, name)})."""
@@ -175,7 +178,9 @@ class ShardedExperts(LoadsFullTensors):
             hidden_states, top_k_weights = _CopyIn.apply(hidden_states, grid), _CopyIn.apply(top_k_weights, grid)
             local = top_k_index - start
             off = (local < 0) | (local >= count)
-            top_k_index, top_k_weights = local.masked_fill(off, count), top_k_weights.masked_fill(off, 0)
+            eager = getattr(getattr(self, "config", None), "_experts_implementation", None) in (None, "eager")
+            top_k_index = local.masked_fill(off, 0 if eager else count)
+            top_k_weights = top_k_weights.masked_fill(off, 0)
         pieces = {n: p for n, p in self._parameters.items() if p is not None and spec_of(p) is not None
                   and spec_of(p).depth}
         blocks = {n: depth_gather(p, grid, spec_of(p).block_shape) for n, p in pieces.items()}  # every z rank,
@@ -225,8 +230,9 @@ def why_whole(module: nn.Module, live: Live, sizes: Mapping[str, int], min_numel
     params = list(inspect.signature(type(module).forward).parameters)[1:]
     if module._is_expert_parallel:
         return "transformers already made it expert-parallel"
-    if tuple(params) != _INTERFACE:
-        return f"its forward takes {tuple(params)}, not {_INTERFACE}"
+    kinds = [p.kind for p in list(inspect.signature(type(module).forward).parameters.values())[1:]]
+    if len(params) != len(_INTERFACE) or any(k is not inspect.Parameter.POSITIONAL_OR_KEYWORD for k in kinds):
+        return f"its forward takes {tuple(params)}, not the three positional {_INTERFACE}"
     if any(p is not None for c in module.children() for p in c.parameters()):
         return "it holds submodules with parameters"
     if not own:
