@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 import autopar
 from test_coverage import adamw, relative_errors, worst
+from test_pipeline_paths import causal_lm_items, causal_lm_loss
 
 V = 64
 COMMON = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -73,15 +73,6 @@ def batches(steps: int = 2, n: int = 8) -> list[dict[str, torch.Tensor]]:
         out.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask,
                     "labels": ids.masked_fill(mask == 0, -100)})
     return out
-
-
-def causal_lm_loss(output: Any, batch: dict) -> torch.Tensor:
-    logits = output.logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
-
-
-def causal_lm_items(batch: dict) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum()
 
 
 def train_family(name: str) -> tuple[str, float, list[tuple[float, float]]]:
