@@ -253,6 +253,8 @@ def test_fingerprint_sees_values_shapes_and_keys_but_not_dict_order_or_nan():
                   {"input_ids": ids, "target": ids, "flag": True},
                   {"input_ids": ids.float(), "labels": ids, "flag": True}):
         assert not torch.equal(base, batch_mod.fingerprint(other, torch.device("cpu"))), other
+    assert torch.equal(batch_mod.fingerprint({"ids": ids, "extra": object()}, torch.device("cpu")),
+                       batch_mod.fingerprint({"ids": ids, "extra": object()}, torch.device("cpu")))  # no address
     nan = torch.tensor([1.0, float("nan")])
     cpu = torch.device("cpu")
     assert torch.equal(batch_mod.fingerprint(nan, cpu), batch_mod.fingerprint(nan.clone(), cpu))

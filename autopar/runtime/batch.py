@@ -73,8 +73,9 @@ def _leaves(batch: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 def fingerprint(batch: Any, device: torch.device) -> torch.Tensor:
     """(structure, values) as two exact float64 numbers: a CRC of every leaf's path, shape and
-    dtype (and of non-tensor leaves' values), and a position-weighted sum of every tensor's
-    elements. Equal batches give bit-equal fingerprints on like devices (same ops, same order)."""
+    dtype (of plain non-tensor leaves' values, of other objects' types), and a position-weighted
+    sum of every tensor's elements. Equal batches give bit-equal fingerprints on like devices
+    (same ops, same order)."""
     structure, total = [], torch.zeros((), dtype=torch.float64, device=device)
     for i, (path, leaf) in enumerate(_leaves(batch)):
         if isinstance(leaf, torch.Tensor):
@@ -83,8 +84,10 @@ def fingerprint(batch: Any, device: torch.device) -> torch.Tensor:
             flat = torch.nan_to_num(flat.detach().reshape(-1).to(device, torch.float64))
             weights = torch.arange(flat.numel(), device=device, dtype=torch.float64).remainder_(251).add_(1 + i)
             total += (flat * weights).sum()
-        else:
+        elif leaf is None or isinstance(leaf, (bool, int, float, str, bytes)):
             structure.append((path, repr(leaf)))
+        else:  # other objects' reprs may hold a memory address, different on every rank
+            structure.append((path, type(leaf).__qualname__))
     crc = float(zlib.crc32(repr(structure).encode()))
     return torch.stack([torch.tensor(crc, dtype=torch.float64, device=device), total])
 
