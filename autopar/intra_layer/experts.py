@@ -227,12 +227,11 @@ def why_whole(module: nn.Module, live: Live, sizes: Mapping[str, int], min_numel
     """Why the fused experts ``module`` must keep its tensors whole ("" if it can be sharded)."""
     experts, runs = module.num_experts, sizes["x"] * sizes["y"]
     own = {n: p for n, p in module._parameters.items() if p is not None}
-    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     if module._is_expert_parallel:
         return "transformers already made it expert-parallel"
-    kinds = [p.kind for p in list(inspect.signature(type(module).forward).parameters.values())[1:]]
-    if len(params) != len(_INTERFACE) or any(k is not inspect.Parameter.POSITIONAL_OR_KEYWORD for k in kinds):
-        return f"its forward takes {tuple(params)}, not the three positional {_INTERFACE}"
+    if len(params) != len(_INTERFACE) or any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return f"its forward takes {tuple(p.name for p in params)}, not the three positional {_INTERFACE}"
     if any(p is not None for c in module.children() for p in c.parameters()):
         return "it holds submodules with parameters"
     if not own:

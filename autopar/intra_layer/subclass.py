@@ -108,7 +108,9 @@ def twin(cls: type, base: type, parallel: type[ShardedModule]) -> type | str:
     if found is None:
         why = why_serial(cls, base)
         own_forward = not why
-        if why.startswith(f"{cls.__name__}.forward") and issubclass(base, nn.Linear) and computes_linear(cls):
+        # Only the forward's source failed (it has its own, no state-dict overrides): prove it instead.
+        forward_only = _overrides(cls, base, "forward") and not any(_overrides(cls, base, n) for n in _STATE_METHODS)
+        if why and forward_only and issubclass(base, nn.Linear) and computes_linear(cls):
             why = ""
         if why:
             found = why
